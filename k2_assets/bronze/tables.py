@@ -1,0 +1,57 @@
+"""Bronze tables: the raw Kafka records of one exchange, exactly as they arrived.
+
+Columns are optional on purpose: the predecessor's NOT NULL columns broke writes, and Bronze must
+accept every record Kafka hands it (an empty value is data too; Silver sends it to the DLQ).
+Commits are never retried by PyIceberg (`commit.retry.num-retries` = 0): an ingestion commit that
+meets a concurrent commit is re-checked by K2's own fencing instead of being silently rebased.
+"""
+
+from __future__ import annotations
+
+from pyiceberg.partitioning import PartitionField, PartitionSpec
+from pyiceberg.schema import Schema
+from pyiceberg.transforms import DayTransform
+from pyiceberg.types import BinaryType, DateType, IntegerType, LongType, NestedField, StringType, TimestamptzType
+
+from k2_resources.exchanges import ExchangeConfig
+from k2_resources.iceberg import TableSpec
+
+BRONZE_SCHEMA = Schema(
+    NestedField(1, "raw_bytes", BinaryType(), required=False, doc="Kafka value untouched: 5-byte header + Avro body"),
+    NestedField(2, "message_key", BinaryType(), required=False, doc="Kafka message key"),
+    NestedField(3, "topic", StringType(), required=False),
+    NestedField(4, "partition", IntegerType(), required=False),
+    NestedField(5, "offset", LongType(), required=False),
+    NestedField(6, "kafka_timestamp", TimestamptzType(), required=False, doc="Kafka record timestamp (trade time)"),
+    NestedField(7, "ingestion_timestamp", TimestamptzType(), required=False, doc="When K2 read the record"),
+    NestedField(8, "ingestion_date", DateType(), required=False),
+)
+
+BRONZE_PARTITION_SPEC = PartitionSpec(
+    PartitionField(source_id=8, field_id=1000, transform=DayTransform(), name="ingestion_date_day")
+)
+
+# Snapshot-summary key that carries the next offset to read per Kafka partition, and the tag that
+# keeps the snapshot holding it safe from expiry.
+OFFSETS_PROPERTY = "k2.kafka.offsets"
+OFFSETS_TAG = "k2-kafka-offsets"
+
+
+def bronze_table_name(exchange: ExchangeConfig) -> str:
+    return f"bronze_{exchange.name}_trades"
+
+
+def bronze_table_spec(exchange: ExchangeConfig) -> TableSpec:
+    return TableSpec(
+        name=bronze_table_name(exchange),
+        schema=BRONZE_SCHEMA,
+        partition_spec=BRONZE_PARTITION_SPEC,
+        properties={
+            "write.target-file-size-bytes": str(exchange.target_file_size_bytes),
+            "commit.retry.num-retries": "0",
+            "k2.retention-days": str(exchange.retention_days),
+            "k2.source-topic": exchange.topic,
+        },
+        time_column="ingestion_timestamp",
+        description=f"Raw Kafka records of {exchange.topic}, exactly once per (topic, partition, offset).",
+    )

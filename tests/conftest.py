@@ -1,0 +1,48 @@
+"""Shared fixtures: a real dev stack (broker + schema registry processes) in a temporary K2_HOME."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from k2_resources.settings import read_env_file
+
+
+def k2(*args: str, home: Path, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the `k2` CLI in a subprocess with K2_HOME=home, as a user would."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("K2_")}
+    env["K2_HOME"] = str(home)
+    return subprocess.run(
+        [sys.executable, "-m", "k2_resources.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=check,
+    )
+
+
+@pytest.fixture(scope="session")
+def devstack_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A running dev stack for the whole session; its addresses are in devstack.env."""
+    home = tmp_path_factory.mktemp("k2home")
+    k2("devstack", "up", home=home)
+    try:
+        yield home
+    finally:
+        k2("devstack", "down", home=home, check=False)
+
+
+@pytest.fixture()
+def devstack_env(devstack_home: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The dev stack's settings exported into this process, K2_HOME included."""
+    values = read_env_file(devstack_home / "devstack.env")
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("K2_HOME", str(devstack_home))
+    return values
