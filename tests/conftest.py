@@ -27,9 +27,9 @@ def k2(*args: str, home: Path, check: bool = True, timeout: float = 120) -> subp
     )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def devstack_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A running dev stack for the whole session; its addresses are in devstack.env."""
+    """A running dev stack per test module (topics are shared state); its addresses are in devstack.env."""
     home = tmp_path_factory.mktemp("k2home")
     k2("devstack", "up", home=home)
     try:
