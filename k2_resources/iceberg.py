@@ -40,6 +40,8 @@ BASE_TABLE_PROPERTIES: dict[str, str] = {
     "commit.retry.num-retries": "5",
     "commit.manifest.min-count-to-merge": "5",
     "commit.manifest-merge.enabled": "true",
+    "write.metadata.delete-after-commit.enabled": "true",
+    "write.metadata.previous-versions-max": "50",
 }
 
 
@@ -128,9 +130,13 @@ def evolve_table(table: Table, spec: TableSpec) -> Table:
     Only additive changes are made: a new optional column is added by schema evolution; a column the
     table has but the spec lacks is kept (dropping data is never automatic).
     """
-    missing = [f.name for f in spec.schema.fields if table.schema().find_field(f.name, case_sensitive=False) is None]
+    missing = [
+        f.name for f in spec.schema.fields if table.schema().find_field(f.name, case_sensitive=False) is None
+    ]
     current = table.properties
-    changed = {k: v for k, v in spec.all_properties().items() if k != "format-version" and current.get(k) != v}
+    changed = {
+        k: v for k, v in spec.all_properties().items() if k != "format-version" and current.get(k) != v
+    }
     if not missing and not changed:
         return table
     with table.transaction() as tx:

@@ -11,18 +11,30 @@ from __future__ import annotations
 from pyiceberg.partitioning import PartitionField, PartitionSpec
 from pyiceberg.schema import Schema
 from pyiceberg.transforms import DayTransform
-from pyiceberg.types import BinaryType, DateType, IntegerType, LongType, NestedField, StringType, TimestamptzType
+from pyiceberg.types import (
+    BinaryType,
+    DateType,
+    IntegerType,
+    LongType,
+    NestedField,
+    StringType,
+    TimestamptzType,
+)
 
 from k2_resources.exchanges import ExchangeConfig
 from k2_resources.iceberg import TableSpec
 
 BRONZE_SCHEMA = Schema(
-    NestedField(1, "raw_bytes", BinaryType(), required=False, doc="Kafka value untouched: 5-byte header + Avro body"),
+    NestedField(
+        1, "raw_bytes", BinaryType(), required=False, doc="Kafka value untouched: 5-byte header + Avro body"
+    ),
     NestedField(2, "message_key", BinaryType(), required=False, doc="Kafka message key"),
     NestedField(3, "topic", StringType(), required=False),
     NestedField(4, "partition", IntegerType(), required=False),
     NestedField(5, "offset", LongType(), required=False),
-    NestedField(6, "kafka_timestamp", TimestamptzType(), required=False, doc="Kafka record timestamp (trade time)"),
+    NestedField(
+        6, "kafka_timestamp", TimestamptzType(), required=False, doc="Kafka record timestamp (trade time)"
+    ),
     NestedField(7, "ingestion_timestamp", TimestamptzType(), required=False, doc="When K2 read the record"),
     NestedField(8, "ingestion_date", DateType(), required=False),
 )

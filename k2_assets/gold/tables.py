@@ -13,9 +13,13 @@ from k2_resources.iceberg import TableSpec
 
 GOLD_SCHEMA = Schema(
     *v2_fields(1),
-    NestedField(16, "gold_ingestion_timestamp", TimestamptzType(), required=False, doc="When the Gold row was written"),
+    NestedField(
+        16, "gold_ingestion_timestamp", TimestamptzType(), required=False, doc="When the Gold row was written"
+    ),
     NestedField(17, "exchange_date", DateType(), required=False, doc="UTC date of the trade timestamp"),
-    NestedField(18, "exchange_hour", IntegerType(), required=False, doc="UTC hour (0-23) of the trade timestamp"),
+    NestedField(
+        18, "exchange_hour", IntegerType(), required=False, doc="UTC hour (0-23) of the trade timestamp"
+    ),
 )
 
 GOLD_PARTITION_SPEC = PartitionSpec(

@@ -35,16 +35,27 @@ def v2_fields(first_id: int = 1) -> list[NestedField]:
         NestedField(i + 2, "symbol", StringType(), required=False),
         NestedField(i + 3, "exchange", StringType(), required=False),
         NestedField(i + 4, "asset_class", StringType(), required=False),
-        NestedField(i + 5, "timestamp", LongType(), required=False, doc="Trade time, microseconds since epoch UTC"),
+        NestedField(
+            i + 5, "timestamp", LongType(), required=False, doc="Trade time, microseconds since epoch UTC"
+        ),
         NestedField(i + 6, "price", DecimalType(18, 8), required=False),
         NestedField(i + 7, "quantity", DecimalType(18, 8), required=False),
         NestedField(i + 8, "currency", StringType(), required=False),
         NestedField(i + 9, "side", StringType(), required=False),
-        NestedField(i + 10, "trade_conditions", ListType(i + 100, StringType(), element_required=False), required=False),
+        NestedField(
+            i + 10,
+            "trade_conditions",
+            ListType(i + 100, StringType(), element_required=False),
+            required=False,
+        ),
         NestedField(i + 11, "source_sequence", LongType(), required=False),
-        NestedField(i + 12, "ingestion_timestamp", LongType(), required=False, doc="Producer receive time, µs"),
+        NestedField(
+            i + 12, "ingestion_timestamp", LongType(), required=False, doc="Producer receive time, µs"
+        ),
         NestedField(i + 13, "platform_sequence", LongType(), required=False),
-        NestedField(i + 14, "vendor_data", StringType(), required=False, doc="Exchange extras as a JSON object"),
+        NestedField(
+            i + 14, "vendor_data", StringType(), required=False, doc="Exchange extras as a JSON object"
+        ),
     ]
 
 
@@ -53,7 +64,9 @@ SILVER_SCHEMA = Schema(
     NestedField(16, "exchange_date", DateType(), required=False, doc="UTC date of the trade timestamp"),
     NestedField(17, "validation_timestamp", TimestamptzType(), required=False),
     NestedField(18, "bronze_ingestion_timestamp", TimestamptzType(), required=False),
-    NestedField(19, "schema_id", IntegerType(), required=False, doc="Writer schema id from the record header"),
+    NestedField(
+        19, "schema_id", IntegerType(), required=False, doc="Writer schema id from the record header"
+    ),
     NestedField(20, "topic", StringType(), required=False),
     NestedField(21, "partition", IntegerType(), required=False),
     NestedField(22, "offset", LongType(), required=False),
@@ -91,13 +104,19 @@ DLQ_SCHEMA = Schema(
     NestedField(4, "partition", IntegerType(), required=False),
     NestedField(5, "offset", LongType(), required=False),
     NestedField(6, "kafka_timestamp", TimestamptzType(), required=False),
-    NestedField(7, "exchange", StringType(), required=False, doc="Exchange of the topic (lower case config name)"),
+    NestedField(
+        7, "exchange", StringType(), required=False, doc="Exchange of the topic (lower case config name)"
+    ),
     NestedField(8, "error_category", StringType(), required=False),
     NestedField(9, "error_message", StringType(), required=False),
     NestedField(10, "error_stage", StringType(), required=False, doc="decode or validate"),
-    NestedField(11, "schema_id", IntegerType(), required=False, doc="Writer schema id when the header was readable"),
+    NestedField(
+        11, "schema_id", IntegerType(), required=False, doc="Writer schema id when the header was readable"
+    ),
     NestedField(12, "message_id", StringType(), required=False, doc="When the body decoded"),
-    NestedField(13, "silver_partition", StringType(), required=False, doc="Dagster partition key of the Silver run"),
+    NestedField(
+        13, "silver_partition", StringType(), required=False, doc="Dagster partition key of the Silver run"
+    ),
     NestedField(14, "bronze_ingestion_timestamp", TimestamptzType(), required=False),
     NestedField(15, "dlq_timestamp", TimestamptzType(), required=False, doc="When the record was rejected"),
     NestedField(16, "dlq_date", DateType(), required=False, doc="UTC date of bronze_ingestion_timestamp"),
@@ -112,7 +131,10 @@ DLQ_TABLE_SPEC = TableSpec(
     name="silver_dlq_trades",
     schema=DLQ_SCHEMA,
     partition_spec=DLQ_PARTITION_SPEC,
-    properties={"write.target-file-size-bytes": str(64 * 1024 * 1024), "k2.retention-days": str(SILVER_RETENTION_DAYS)},
+    properties={
+        "write.target-file-size-bytes": str(64 * 1024 * 1024),
+        "k2.retention-days": str(SILVER_RETENTION_DAYS),
+    },
     time_column="bronze_ingestion_timestamp",
     slice_column="exchange",
     description="Every Bronze record Silver rejected, with its category, raw bytes and Kafka coordinates.",

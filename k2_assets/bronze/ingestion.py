@@ -1,0 +1,411 @@
+"""Exactly-once ingestion of one Kafka topic into its Bronze table.
+
+The pattern every Kafka-to-Iceberg system converged on (../shared/notes/peers.md): the next offset to
+read per partition is stored *in the Iceberg commit that wrote the records* (snapshot summary property
+`k2.kafka.offsets`), and a tag follows that snapshot so expiry can never remove it. A run starts from
+those offsets, never from the consumer group. Every commit is fenced: PyIceberg's own retry is off for
+Bronze tables, and when a commit meets a concurrent one K2 reloads the table and compares the stored
+offsets with the ones this run last wrote. Unchanged (e.g. retention committed) -> retry; changed ->
+another run owns the stream, and this one stops with `FencedError`. The consumer group is committed
+after each Iceberg commit only so that ordinary lag tools see progress.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import pyarrow as pa
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from pyiceberg.exceptions import CommitFailedException
+from pyiceberg.io.pyarrow import _dataframe_to_data_files
+from pyiceberg.table import Table
+from pyiceberg.table.snapshots import ancestors_of
+from pyiceberg.table.update.snapshot import ManageSnapshots
+
+from k2_assets.bronze.tables import OFFSETS_PROPERTY, OFFSETS_TAG
+from k2_resources.crashpoints import crash_point
+
+log = logging.getLogger(__name__)
+
+# Consumer errors that mean "the broker is not there right now": retried until broker_timeout.
+TRANSIENT_ERRORS = {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._TIMED_OUT}
+FLOWING_POLL_SECONDS = 0.02
+GAP_ERRORS = {KafkaError.OFFSET_OUT_OF_RANGE, KafkaError._AUTO_OFFSET_RESET}
+
+
+class FencedError(RuntimeError):
+    """Another ingestion run committed offsets for this table since this run read them."""
+
+
+class KafkaGapError(RuntimeError):
+    """Records this table never ingested are no longer in Kafka (retention, or a recreated topic)."""
+
+
+@dataclass(frozen=True)
+class IngestionSettings:
+    """How one ingestion run behaves; see `BronzeIngestionConfig` for the user-facing knobs."""
+
+    commit_interval_seconds: float
+    max_batch_records: int = 100_000
+    max_runtime_seconds: float = 3600.0
+    drain: bool = False
+    accept_gaps: bool = False
+    poll_timeout_seconds: float = 0.5
+    broker_timeout_seconds: float = 60.0
+    max_fence_retries: int = 10
+
+
+@dataclass
+class CommitReport:
+    """What one Bronze commit wrote: logged as an AssetMaterialization."""
+
+    snapshot_id: int
+    rows: int
+    bytes: int
+    offsets: dict[int, tuple[int, int]]
+    consumer_lag: int
+    commit_seconds: float
+    gaps: list[dict[str, Any]] = field(default_factory=list)
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "rows": self.rows,
+            "bytes": self.bytes,
+            "consumer_lag": self.consumer_lag,
+            "commit_seconds": round(self.commit_seconds, 4),
+            "snapshot_id": str(self.snapshot_id),
+            "offsets": {str(p): {"first": f, "last": last} for p, (f, last) in sorted(self.offsets.items())},
+            "gaps": self.gaps,
+        }
+
+
+@dataclass
+class RunSummary:
+    rows: int = 0
+    commits: int = 0
+    stop_reason: str = ""
+    start_offsets: dict[int, int] = field(default_factory=dict)
+    end_offsets: dict[int, int] = field(default_factory=dict)
+    gaps: list[dict[str, Any]] = field(default_factory=list)
+
+
+def read_stored_offsets(table: Table) -> dict[int, int]:
+    """Next offset to read per partition, from the tagged snapshot (or, failing that, the newest ancestor)."""
+    ref = table.metadata.refs.get(OFFSETS_TAG)
+    candidates = [table.snapshot_by_id(ref.snapshot_id)] if ref is not None else []
+    current = table.current_snapshot()
+    if current is not None and ref is None:
+        candidates = list(ancestors_of(current, table.metadata))
+    for snapshot in candidates:
+        if snapshot is not None and OFFSETS_PROPERTY in snapshot.summary.additional_properties:
+            raw = json.loads(snapshot.summary.additional_properties[OFFSETS_PROPERTY])
+            return {int(p): int(o) for p, o in raw.items()}
+    return {}
+
+
+class BronzeCommitter:
+    """Appends record batches to a Bronze table, each commit carrying the offsets it advances to."""
+
+    def __init__(self, table: Table, expected_offsets: dict[int, int], run_id: str, max_retries: int = 10):
+        self.table = table
+        self.expected = dict(expected_offsets)
+        self.run_id = run_id
+        self.max_retries = max_retries
+
+    def commit(self, rows: pa.Table, next_offsets: dict[int, int]) -> int:
+        """Commit rows and the new offsets atomically; returns the snapshot id. Raises FencedError."""
+        offsets = {**self.expected, **next_offsets}
+        properties = {
+            OFFSETS_PROPERTY: json.dumps({str(p): o for p, o in sorted(offsets.items())}),
+            "k2.dagster.run-id": self.run_id,
+        }
+        crash_point("bronze.before_data_files")
+        files = list(_dataframe_to_data_files(self.table.metadata, rows, self.table.io))
+        crash_point("bronze.after_data_files")
+        for attempt in range(self.max_retries + 1):
+            try:
+                snapshot_id = self._commit_once(files, properties)
+                self.expected = offsets
+                return snapshot_id
+            except CommitFailedException as err:
+                self.table = self.table.refresh()
+                stored = read_stored_offsets(self.table)
+                if stored != self.expected:
+                    raise FencedError(
+                        f"Bronze table {self.table.name()} was written by another ingestion run: stored offsets "
+                        f"{stored} differ from the {self.expected} this run last committed. This run stops "
+                        "without committing; the other run owns the stream."
+                    ) from err
+                if attempt == self.max_retries:
+                    raise
+                log.info("Commit met a concurrent non-ingestion commit; retrying (%s)", attempt + 1)
+        raise AssertionError("unreachable")
+
+    def _commit_once(self, files: list, properties: dict[str, str]) -> int:
+        with self.table.transaction() as tx:
+            with tx.update_snapshot(snapshot_properties=properties).fast_append() as append:
+                for data_file in files:
+                    append.append_data_file(data_file)
+            snapshot = tx.table_metadata.current_snapshot()
+            assert snapshot is not None
+            ManageSnapshots(tx).create_tag(snapshot.snapshot_id, OFFSETS_TAG).commit()
+        crash_point("bronze.after_iceberg_commit")
+        self.table = self.table.refresh()
+        return snapshot.snapshot_id
+
+
+@dataclass
+class _Batch:
+    """Columns of the records read since the last commit."""
+
+    raw_bytes: list[bytes | None] = field(default_factory=list)
+    keys: list[bytes | None] = field(default_factory=list)
+    partitions: list[int] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    kafka_ts: list[int | None] = field(default_factory=list)
+    first: dict[int, int] = field(default_factory=dict)
+    last: dict[int, int] = field(default_factory=dict)
+    size: int = 0
+
+    def add(self, msg: Message) -> None:
+        value, partition, offset = msg.value(), msg.partition(), msg.offset()
+        ts_type, ts = msg.timestamp()
+        self.raw_bytes.append(value)
+        self.keys.append(msg.key())
+        self.partitions.append(partition)
+        self.offsets.append(offset)
+        self.kafka_ts.append(ts if ts_type != 0 and ts >= 0 else None)
+        self.first.setdefault(partition, offset)
+        self.last[partition] = offset
+        self.size += len(value) if value else 0
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def to_arrow(self, schema: pa.Schema, topic: str, now: datetime) -> pa.Table:
+        n = len(self)
+        kafka_ts = (
+            pa.array(self.kafka_ts, pa.int64())
+            .cast(pa.timestamp("ms", tz="UTC"))
+            .cast(pa.timestamp("us", tz="UTC"))
+        )
+        columns = {
+            "raw_bytes": pa.array(self.raw_bytes, pa.binary()),
+            "message_key": pa.array(self.keys, pa.binary()),
+            "topic": pa.array([topic] * n, pa.string()),
+            "partition": pa.array(self.partitions, pa.int32()),
+            "offset": pa.array(self.offsets, pa.int64()),
+            "kafka_timestamp": kafka_ts,
+            "ingestion_timestamp": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
+            "ingestion_date": pa.array([now.date()] * n, pa.date32()),
+        }
+        return pa.table([columns[f.name] for f in schema], schema=schema)
+
+
+class TopicIngestion:
+    """One run: read a topic from the stored offsets and commit micro-batches until told to stop."""
+
+    def __init__(
+        self,
+        table: Table,
+        consumer: Consumer,
+        topic: str,
+        settings: IngestionSettings,
+        run_id: str,
+        watermarks: Callable[[list[int], bool], dict[int, tuple[int, int]]],
+        partitions: list[int],
+        on_commit: Callable[[CommitReport], None] = lambda report: None,
+        should_stop: Callable[[], bool] = lambda: False,
+    ):
+        self.table, self.consumer, self.topic, self.settings = table, consumer, topic, settings
+        self.watermarks, self.partitions = watermarks, partitions
+        self.on_commit, self.should_stop = on_commit, should_stop
+        stored = read_stored_offsets(table)
+        self.committer = BronzeCommitter(table, stored, run_id, settings.max_fence_retries)
+        self.summary = RunSummary()
+        self.next_offsets: dict[int, int] = {}
+        self.drain_targets: dict[int, int] = {}
+
+    def start_positions(self) -> dict[int, int]:
+        """Where each partition resumes, after checking Kafka still holds every record not yet in Bronze."""
+        stored = self.committer.expected
+        marks = self.watermarks(self.partitions, False)
+        vanished = sorted(set(stored) - set(self.partitions))
+        if vanished:
+            self._gap(
+                f"partitions {vanished} of {self.topic} hold stored offsets but no longer exist",
+                vanished[0],
+                0,
+                0,
+            )
+        positions: dict[int, int] = {}
+        for p in self.partitions:
+            low, high = marks[p]
+            start = stored.get(p)
+            if start is None:
+                positions[p] = low
+            elif start < low:
+                self._gap(
+                    f"records {start}..{low - 1} were deleted before Bronze read them", p, start, low - 1
+                )
+                positions[p] = low
+            elif start > high:
+                self._gap(
+                    f"stored offset {start} is beyond the high watermark {high}: the topic was recreated "
+                    f"or truncated, records {high}..{start - 1} can never be read",
+                    p,
+                    high,
+                    start - 1,
+                )
+                positions[p] = low
+            else:
+                positions[p] = start
+        self.drain_targets = {p: marks[p][1] for p in self.partitions}
+        return positions
+
+    def _gap(self, message: str, partition: int, first_missing: int, last_missing: int) -> None:
+        text = f"Kafka gap on {self.topic} partition {partition}: {message}"
+        gap = {
+            "topic": self.topic,
+            "partition": partition,
+            "first_missing": first_missing,
+            "last_missing": last_missing,
+        }
+        if not self.settings.accept_gaps:
+            raise KafkaGapError(text + ". Set accept_gaps: true to accept the loss and continue.")
+        log.warning("%s (accepted by configuration)", text)
+        self.summary.gaps.append({**gap, "message": message})
+
+    def run(self) -> RunSummary:
+        positions = self.start_positions()
+        self.next_offsets = dict(positions)
+        self.summary.start_offsets = dict(positions)
+        self.consumer.assign([TopicPartition(self.topic, p, o) for p, o in positions.items()])
+        try:
+            self._loop()
+        finally:
+            self.summary.end_offsets = dict(self.next_offsets)
+        return self.summary
+
+    def _drained(self) -> bool:
+        return all(self.next_offsets[p] >= target for p, target in self.drain_targets.items())
+
+    def _loop(self) -> None:
+        settings, started = self.settings, time.monotonic()
+        batch, batch_started, broker_down_since = _Batch(), time.monotonic(), None
+        gaps_in_batch: list[dict[str, Any]] = []
+        flowing = False
+        while True:
+            if settings.drain and self._drained():
+                self.summary.stop_reason = "drained"
+            elif time.monotonic() - started >= settings.max_runtime_seconds:
+                self.summary.stop_reason = "max_runtime"
+            elif self.should_stop():
+                self.summary.stop_reason = "stop requested"
+            if self.summary.stop_reason:
+                if len(batch):
+                    self._commit(batch, gaps_in_batch)
+                return
+            wanted = max(1, min(10_000, settings.max_batch_records - len(batch)))
+            # consume() waits its whole timeout unless `wanted` records are queued: wait briefly while
+            # records flow, and the full poll timeout only when the topic is idle.
+            timeout = FLOWING_POLL_SECONDS if flowing else settings.poll_timeout_seconds
+            messages = self.consumer.consume(num_messages=wanted, timeout=timeout)
+            flowing = bool(messages)
+            broker_down_since = self._absorb(messages, batch, gaps_in_batch, broker_down_since)
+            full = len(batch) >= settings.max_batch_records
+            due = time.monotonic() - batch_started >= settings.commit_interval_seconds
+            if len(batch) and (full or due or (settings.drain and self._drained())):
+                self._commit(batch, gaps_in_batch)
+                batch, batch_started, gaps_in_batch = _Batch(), time.monotonic(), []
+
+    def _absorb(
+        self, messages: list[Message], batch: _Batch, gaps: list[dict[str, Any]], down_since: float | None
+    ) -> float | None:
+        """Add good messages to the batch; classify errors. Returns when the broker was first seen down."""
+        for msg in messages:
+            err = msg.error()
+            if err is None:
+                self._accept(msg, batch, gaps)
+                down_since = None
+            elif err.code() == KafkaError._PARTITION_EOF:
+                down_since = None
+            elif err.code() in GAP_ERRORS:
+                p = msg.partition()
+                low, _ = self.watermarks([p], False)[p]
+                self._gap(
+                    f"offset {self.next_offsets.get(p)} is out of range ({err.str()})",
+                    p,
+                    self.next_offsets[p],
+                    low - 1,
+                )
+                self.next_offsets[p] = low
+                self.consumer.assign([TopicPartition(self.topic, q, o) for q, o in self.next_offsets.items()])
+            elif err.code() in TRANSIENT_ERRORS or err.retriable():
+                down_since = down_since or time.monotonic()
+                if time.monotonic() - down_since > self.settings.broker_timeout_seconds:
+                    raise KafkaException(
+                        f"Kafka unreachable for {self.settings.broker_timeout_seconds:.0f}s while reading {self.topic}: "
+                        f"{err.str()}"
+                    )
+                log.warning("Kafka transient error on %s, retrying: %s", self.topic, err.str())
+            else:
+                raise KafkaException(err)
+        if (
+            not messages
+            and down_since is not None
+            and time.monotonic() - down_since > self.settings.broker_timeout_seconds
+        ):
+            raise KafkaException(
+                f"Kafka unreachable for {self.settings.broker_timeout_seconds:.0f}s reading {self.topic}"
+            )
+        return down_since
+
+    def _accept(self, msg: Message, batch: _Batch, gaps: list[dict[str, Any]]) -> None:
+        p, offset = msg.partition(), msg.offset()
+        expected = self.next_offsets[p]
+        if offset < expected:
+            return  # already in Bronze (a re-fetch after reassignment): never write it twice
+        if offset > expected:
+            self._gap(f"offsets {expected}..{offset - 1} vanished while reading", p, expected, offset - 1)
+            gaps.append({"partition": p, "first_missing": expected, "last_missing": offset - 1})
+        batch.add(msg)
+        self.next_offsets[p] = offset + 1
+
+    def _commit(self, batch: _Batch, gaps: list[dict[str, Any]]) -> None:
+        started = time.monotonic()
+        now = datetime.now(UTC)
+        rows = batch.to_arrow(self.committer.table.schema().as_arrow(), self.topic, now)
+        advanced = {p: self.next_offsets[p] for p in batch.last}
+        snapshot_id = self.committer.commit(rows, advanced)
+        commit_seconds = time.monotonic() - started
+        self._commit_consumer_group()
+        crash_point("bronze.after_group_commit")
+        marks = self.watermarks(self.partitions, True)
+        lag = sum(max(0, marks[p][1] - self.next_offsets[p]) for p in self.partitions)
+        report = CommitReport(
+            snapshot_id=snapshot_id,
+            rows=len(batch),
+            bytes=batch.size,
+            offsets={p: (batch.first[p], batch.last[p]) for p in batch.last},
+            consumer_lag=lag,
+            commit_seconds=commit_seconds,
+            gaps=list(gaps),
+        )
+        self.summary.rows += len(batch)
+        self.summary.commits += 1
+        self.on_commit(report)
+
+    def _commit_consumer_group(self) -> None:
+        """Mirror the committed offsets to the consumer group for lag tools; Bronze does not read them."""
+        offsets = [TopicPartition(self.topic, p, o) for p, o in self.next_offsets.items()]
+        try:
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as err:
+            log.warning("Could not mirror offsets to the consumer group: %s", err)

@@ -1,0 +1,167 @@
+"""Per-exchange Bronze jobs: long-running ingestion, and daily retention that really frees storage."""
+
+# No `from __future__ import annotations` here: Dagster reads op parameter annotations at definition time.
+
+from datetime import UTC, datetime, timedelta
+
+import dagster as dg
+from pydantic import Field
+from pyiceberg.expressions import LessThan
+
+from k2_assets.bronze.assets import bronze_asset_key
+from k2_assets.bronze.ingestion import CommitReport, IngestionSettings, TopicIngestion
+from k2_assets.bronze.tables import bronze_table_spec
+from k2_resources.exchanges import EXCHANGES, ExchangeConfig
+from k2_resources.iceberg import IcebergCatalogResource
+from k2_resources.iceberg_maintenance import reclaim_storage, retry_on_conflict
+from k2_resources.kafka import KafkaResource
+
+INGESTION_TAG = "k2/ingestion"
+
+
+class BronzeIngestionConfig(dg.Config):
+    """How long an ingestion run lives and how it batches. Defaults suit a sensor-kept live run."""
+
+    drain: bool = Field(
+        False, description="Stop at the high watermarks read at start (CI, tests, backfills)."
+    )
+    max_runtime_seconds: float = Field(
+        3600.0, description="Stop after this long; the sensor starts the next run."
+    )
+    max_batch_records: int = Field(100_000, description="Commit once this many records are read.")
+    commit_interval_seconds: float | None = Field(
+        None, description="Default: the exchange's commit interval."
+    )
+    accept_gaps: bool = Field(False, description="Record a Kafka gap in metadata instead of failing.")
+    broker_timeout_seconds: float = Field(60.0, description="Fail after the broker is unreachable this long.")
+
+    def settings(self, exchange: ExchangeConfig) -> IngestionSettings:
+        if self.max_batch_records <= 0:
+            raise ValueError(f"max_batch_records must be positive, not {self.max_batch_records}")
+        if self.max_runtime_seconds <= 0:
+            raise ValueError(f"max_runtime_seconds must be positive, not {self.max_runtime_seconds}")
+        return IngestionSettings(
+            commit_interval_seconds=self.commit_interval_seconds or exchange.commit_interval_seconds,
+            max_batch_records=self.max_batch_records,
+            max_runtime_seconds=self.max_runtime_seconds,
+            drain=self.drain,
+            accept_gaps=self.accept_gaps,
+            broker_timeout_seconds=self.broker_timeout_seconds,
+        )
+
+
+def build_ingestion_job(exchange: ExchangeConfig) -> dg.JobDefinition:
+    """`bronze_<exchange>_ingestion`: consume the topic into Bronze until drained, stopped or timed out."""
+    table_spec = bronze_table_spec(exchange)
+    asset_key = bronze_asset_key(exchange)
+
+    @dg.op(
+        name=f"ingest_{exchange.name}_trades",
+        description=f"Consume {exchange.topic} into {table_spec.identifier}.",
+    )
+    def ingest(
+        context: dg.OpExecutionContext,
+        config: BronzeIngestionConfig,
+        kafka: KafkaResource,
+        iceberg: IcebergCatalogResource,
+    ) -> None:
+        settings = config.settings(exchange)
+        table = iceberg.ensure_table(table_spec)
+        kafka.wait_until_reachable()
+        consumer = kafka.consumer(exchange.consumer_group)
+
+        def report(commit: CommitReport) -> None:
+            context.log_event(dg.AssetMaterialization(asset_key=asset_key, metadata=commit.metadata()))
+
+        try:
+            partitions = kafka.partitions(consumer, exchange.topic)
+            ingestion = TopicIngestion(
+                table=table,
+                consumer=consumer,
+                topic=exchange.topic,
+                settings=settings,
+                run_id=context.run_id,
+                watermarks=lambda ps, cached: kafka.watermarks(consumer, exchange.topic, ps, cached),
+                partitions=partitions,
+                on_commit=report,
+            )
+            summary = ingestion.run()
+        finally:
+            consumer.close()
+        context.log.info(
+            f"Ingested {summary.rows} records of {exchange.topic} in {summary.commits} commits; "
+            f"stopped: {summary.stop_reason}; offsets {summary.start_offsets} -> {summary.end_offsets}"
+        )
+        if summary.gaps:
+            context.log.warning(f"Accepted Kafka gaps: {summary.gaps}")
+
+    @dg.job(
+        name=f"bronze_{exchange.name}_ingestion",
+        description=f"Long-running ingestion of {exchange.topic} into {table_spec.identifier}, exactly once.",
+        tags={INGESTION_TAG: exchange.name},
+    )
+    def ingestion_job() -> None:
+        ingest()
+
+    return ingestion_job
+
+
+class BronzeRetentionConfig(dg.Config):
+    """Retention defaults to the exchange's; orphan files younger than the grace are never touched."""
+
+    retention_days: int | None = None
+    orphan_min_age_minutes: float = 60.0
+
+
+def build_retention_job(exchange: ExchangeConfig) -> dg.JobDefinition:
+    """`bronze_<exchange>_retention`: delete old rows, expire old snapshots, delete unreferenced files."""
+    table_spec = bronze_table_spec(exchange)
+
+    @dg.op(name=f"apply_{exchange.name}_bronze_retention")
+    def apply_retention(
+        context: dg.OpExecutionContext, config: BronzeRetentionConfig, iceberg: IcebergCatalogResource
+    ) -> None:
+        days = config.retention_days if config.retention_days is not None else exchange.retention_days
+        if days < 0:
+            raise ValueError(f"retention_days must be >= 0, not {days}")
+        now = datetime.now(UTC)
+        cutoff = now - timedelta(days=days)
+        table = iceberg.ensure_table(table_spec)
+        rows_before = table.scan().count()
+
+        def delete_old(t):
+            t.delete(
+                LessThan("ingestion_date", cutoff.date().isoformat()),
+                snapshot_properties={"k2.retention": "rows"},
+            )
+            return t.refresh()
+
+        table = retry_on_conflict(table, delete_old)
+        rows_after = table.scan().count()
+        reclaimed = reclaim_storage(table, cutoff, timedelta(minutes=config.orphan_min_age_minutes))
+        context.log_event(
+            dg.AssetMaterialization(
+                asset_key=bronze_asset_key(exchange),
+                metadata={
+                    "retention_days": days,
+                    "deleted_rows": rows_before - rows_after,
+                    "rows": rows_after,
+                    "expired_snapshots": reclaimed.expired_snapshots,
+                    "deleted_files": reclaimed.deleted_files,
+                    "deleted_bytes": reclaimed.deleted_bytes,
+                },
+                description="retention",
+            )
+        )
+
+    @dg.job(
+        name=f"bronze_{exchange.name}_retention", description=f"Daily retention of {table_spec.identifier}."
+    )
+    def retention_job() -> None:
+        apply_retention()
+
+    return retention_job
+
+
+ingestion_jobs = {e.name: build_ingestion_job(e) for e in EXCHANGES}
+retention_jobs = {e.name: build_retention_job(e) for e in EXCHANGES}

@@ -1,0 +1,58 @@
+"""`k2` sub-commands that run K2's Dagster jobs in-process: handy for CI, tests and one-off drains."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import dagster as dg
+
+
+def dagster_instance() -> dg.DagsterInstance:
+    """The instance named by DAGSTER_HOME, or a throwaway one when none is configured."""
+    return dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
+
+
+def ingestion_run_config(exchange: str, args: argparse.Namespace) -> dict:
+    config: dict = {"drain": args.drain, "accept_gaps": args.accept_gaps}
+    for key in (
+        "max_batch_records",
+        "max_runtime_seconds",
+        "commit_interval_seconds",
+        "broker_timeout_seconds",
+    ):
+        if getattr(args, key) is not None:
+            config[key] = getattr(args, key)
+    return {"ops": {f"ingest_{exchange}_trades": {"config": config}}}
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    """Run `bronze_<exchange>_ingestion` in this process; exit 1 when the run fails."""
+    from k2_assets.definitions import defs
+    from k2_resources.exchanges import exchange
+
+    name = exchange(args.exchange).name
+    job = defs.resolve_job_def(f"bronze_{name}_ingestion")
+    with dagster_instance() as instance:
+        result = job.execute_in_process(
+            run_config=ingestion_run_config(name, args), instance=instance, raise_on_error=False
+        )
+    if not result.success:
+        for event in result.all_events:
+            if event.is_failure and event.step_failure_data is not None:
+                print(event.step_failure_data.error.to_string(), file=sys.stderr)
+        return 1
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    ingest = subparsers.add_parser("ingest", help="run one exchange's Bronze ingestion job in this process")
+    ingest.add_argument("--exchange", required=True)
+    ingest.add_argument("--drain", action="store_true", help="stop at the high watermarks read at start")
+    ingest.add_argument("--accept-gaps", action="store_true")
+    ingest.add_argument("--max-batch-records", type=int)
+    ingest.add_argument("--max-runtime-seconds", type=float)
+    ingest.add_argument("--commit-interval-seconds", type=float)
+    ingest.add_argument("--broker-timeout-seconds", type=float)
+    ingest.set_defaults(func=cmd_ingest)
