@@ -60,20 +60,25 @@ class KafkaResource(dg.ConfigurableResource):
             marks[p] = mark
         return marks
 
-    def wait_until_reachable(self, attempts: int = 5, backoff_seconds: float = 1.0) -> None:
-        """Retry metadata with exponential backoff, then fail with an error that names the servers."""
+    def wait_until_reachable(self, timeout_seconds: float = 60.0) -> None:
+        """Retry metadata with exponential backoff until the deadline, then fail naming the servers."""
         consumer = Consumer({**self.base_config(), "group.id": "k2-probe"})
+        deadline, backoff, attempts = time.monotonic() + timeout_seconds, 0.5, 0
         try:
-            for attempt in range(attempts):
+            while True:
+                attempts += 1
+                remaining = deadline - time.monotonic()
                 try:
-                    consumer.list_topics(timeout=self.request_timeout_seconds)
+                    consumer.list_topics(timeout=max(0.5, min(self.request_timeout_seconds, remaining)))
                     return
                 except KafkaException as err:
-                    if attempt == attempts - 1:
+                    if time.monotonic() + backoff >= deadline:
                         raise KafkaException(
-                            f"Kafka at {self.bootstrap_servers} is unreachable after {attempts} attempts: {err}"
+                            f"Kafka at {self.bootstrap_servers} is unreachable: {attempts} attempts over "
+                            f"{timeout_seconds:.0f}s failed ({err}). Check K2_KAFKA_BOOTSTRAP_SERVERS."
                         ) from err
-                    time.sleep(backoff_seconds * 2**attempt)
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, 10.0)
         finally:
             consumer.close()
 

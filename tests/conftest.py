@@ -13,10 +13,17 @@ import pytest
 from k2_resources.settings import read_env_file
 
 
-def k2(*args: str, home: Path, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run the `k2` CLI in a subprocess with K2_HOME=home, as a user would."""
+def k2_env(home: Path, **extra: str) -> dict[str, str]:
+    """This process's environment without K2 settings, plus K2_HOME=home and `extra`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("K2_")}
-    env["K2_HOME"] = str(home)
+    return {**env, "K2_HOME": str(home), **extra}
+
+
+def k2(
+    *args: str, home: Path, check: bool = True, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run the `k2` CLI in a subprocess with K2_HOME=home, as a user would."""
+    env = k2_env(home, **(env or {}))
     return subprocess.run(
         [sys.executable, "-m", "k2_resources.cli", *args],
         env=env,
@@ -46,3 +53,17 @@ def devstack_env(devstack_home: Path, monkeypatch: pytest.MonkeyPatch) -> dict[s
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("K2_HOME", str(devstack_home))
     return values
+
+
+@pytest.fixture()
+def fresh_devstack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A dev stack of this test's own (empty topics, own catalog), exported into this process."""
+    home = tmp_path / "k2home"
+    k2("devstack", "up", home=home)
+    for key, value in read_env_file(home / "devstack.env").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("K2_HOME", str(home))
+    try:
+        yield home
+    finally:
+        k2("devstack", "down", home=home, check=False)

@@ -67,7 +67,7 @@ def build_ingestion_job(exchange: ExchangeConfig) -> dg.JobDefinition:
     ) -> None:
         settings = config.settings(exchange)
         table = iceberg.ensure_table(table_spec)
-        kafka.wait_until_reachable()
+        kafka.wait_until_reachable(settings.broker_timeout_seconds)
         consumer = kafka.consumer(exchange.consumer_group)
 
         def report(commit: CommitReport) -> None:
