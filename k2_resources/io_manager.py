@@ -1,0 +1,289 @@
+"""Iceberg IO manager: one Dagster partition written atomically, read and written as streams.
+
+Writing a partition is one Iceberg commit that deletes exactly the rows of the partition's window
+(and slice) and appends the new rows: re-materialising a partition or re-running a backfill leaves
+the table as one run would. Data arrives as a stream of Arrow record batches and is written in
+chunks of `chunk_rows`, so memory is bounded whatever the partition's size; pandas DataFrames and
+Arrow tables are accepted for small outputs. Every row written must fall inside the window and slice
+being replaced (otherwise a re-run could not replace it), and the table's schema always comes from
+its declared `TableSpec`, never from the data.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import uuid
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+from pyiceberg.expressions import AlwaysTrue, And, BooleanExpression, EqualTo, GreaterThanOrEqual, LessThan
+from pyiceberg.io.pyarrow import _dataframe_to_data_files
+from pyiceberg.table import Table
+from pyiceberg.types import LongType, TimestampType, TimestamptzType
+
+from k2_resources.iceberg import IcebergCatalogResource, TableSpec
+
+DEFAULT_CHUNK_ROWS = 250_000
+
+
+@dataclass(frozen=True)
+class RowScope:
+    """The rows one write replaces: a time window on the spec's time column and/or a slice value."""
+
+    start: datetime | None = None
+    end: datetime | None = None
+    slice_value: str | None = None
+
+    def expression(self, spec: TableSpec, table: Table) -> BooleanExpression:
+        """The Iceberg predicate for the scope (aligned with file stats, so the delete is metadata-only)."""
+        parts: list[BooleanExpression] = []
+        if self.start is not None and self.end is not None:
+            assert spec.time_column, f"{spec.name} has no time_column to window on"
+            field_type = table.schema().find_field(spec.time_column).field_type
+            lo, hi = _literal(field_type, self.start), _literal(field_type, self.end)
+            parts += [GreaterThanOrEqual(spec.time_column, lo), LessThan(spec.time_column, hi)]
+        if self.slice_value is not None:
+            assert spec.slice_column, f"{spec.name} has no slice_column"
+            parts.append(EqualTo(spec.slice_column, self.slice_value))
+        if not parts:
+            return AlwaysTrue()
+        return parts[0] if len(parts) == 1 else And(*parts)
+
+    def outside(self, spec: TableSpec, batch: pa.RecordBatch | pa.Table) -> int:
+        """How many rows of `batch` lie outside the scope (they must be zero before writing)."""
+        inside = pa.array([True] * batch.num_rows)
+        if self.start is not None and self.end is not None:
+            column = batch.column(spec.time_column)
+            lo, hi = _arrow_scalar(column.type, self.start), _arrow_scalar(column.type, self.end)
+            inside = pc.and_kleene(inside, pc.and_kleene(pc.greater_equal(column, lo), pc.less(column, hi)))
+        if self.slice_value is not None:
+            inside = pc.and_kleene(inside, pc.equal(batch.column(spec.slice_column), self.slice_value))
+        return batch.num_rows - pc.sum(pc.fill_null(inside, False).cast(pa.int64())).as_py()
+
+    def describe(self) -> str:
+        window = (
+            f"[{self.start.isoformat()}, {self.end.isoformat()})" if self.start and self.end else "all time"
+        )
+        return window + (f" where slice = {self.slice_value}" if self.slice_value else "")
+
+
+def _literal(field_type: Any, moment: datetime) -> Any:
+    if isinstance(field_type, LongType):
+        return int(moment.timestamp() * 1_000_000)
+    if isinstance(field_type, TimestamptzType | TimestampType):
+        return moment.isoformat()
+    raise TypeError(f"Cannot window on a column of type {field_type}")
+
+
+def _arrow_scalar(arrow_type: pa.DataType, moment: datetime) -> pa.Scalar:
+    if pa.types.is_integer(arrow_type):
+        return pa.scalar(int(moment.timestamp() * 1_000_000), arrow_type)
+    return pa.scalar(moment, arrow_type)
+
+
+@dataclass
+class WriteReport:
+    rows: int = 0
+    data_files: int = 0
+    snapshot_id: int | None = None
+
+    def metadata(self) -> dict[str, Any]:
+        return {"rows": self.rows, "data_files": self.data_files, "snapshot_id": str(self.snapshot_id)}
+
+
+def as_batches(data: Any) -> Iterator[pa.RecordBatch]:
+    """Any supported output value as a stream of record batches."""
+    if data is None:
+        return iter(())
+    if isinstance(data, pd.DataFrame):
+        return iter(pa.Table.from_pandas(data, preserve_index=False).to_batches())
+    if isinstance(data, pa.Table):
+        return iter(data.to_batches())
+    if isinstance(data, pa.RecordBatch):
+        return iter([data])
+    if isinstance(data, pa.RecordBatchReader):
+        return iter(data)
+    if isinstance(data, Iterable):
+        return iter(data)
+    raise TypeError(f"Cannot write {type(data).__name__}: expected Arrow batches, a table, or a DataFrame")
+
+
+def conform(batch: pa.RecordBatch | pa.Table, schema: pa.Schema) -> pa.Table:
+    """The batch with exactly the table's columns, order and types (missing optional columns as null)."""
+    table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
+    columns = []
+    for target in schema:
+        if target.name in table.column_names:
+            columns.append(table.column(target.name).cast(target.type))
+        else:
+            columns.append(pa.nulls(table.num_rows, target.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def replace_rows(
+    table: Table,
+    spec: TableSpec,
+    data: Any,
+    scope: RowScope,
+    snapshot_properties: Mapping[str, str],
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> WriteReport:
+    """Replace exactly the rows in `scope` with `data`, in one commit; data is streamed in chunks."""
+    schema = table.schema().as_arrow()
+    write_uuid, counter = uuid.uuid4(), itertools.count(0)
+    report, files = WriteReport(), []
+    for chunk in _chunks(as_batches(data), chunk_rows):
+        rows = conform(chunk, schema)
+        stray = scope.outside(spec, rows)
+        if stray:
+            raise ValueError(
+                f"{stray} rows for {spec.identifier} fall outside the scope being replaced ({scope.describe()}): "
+                "a re-run could not replace them, so nothing was written."
+            )
+        files += _dataframe_to_data_files(
+            table.metadata, rows, table.io, write_uuid=write_uuid, counter=counter
+        )
+        report.rows += rows.num_rows
+    properties = dict(snapshot_properties)
+    with table.transaction() as tx, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Delete operation did not match any records")
+        tx.delete(scope.expression(spec, table), snapshot_properties=properties)
+        if files:
+            with tx.update_snapshot(snapshot_properties=properties).fast_append() as append:
+                for data_file in files:
+                    append.append_data_file(data_file)
+    table.refresh()
+    report.data_files = len(files)
+    report.snapshot_id = table.current_snapshot().snapshot_id if table.current_snapshot() else None
+    return report
+
+
+def _chunks(batches: Iterator[pa.RecordBatch], chunk_rows: int) -> Iterator[pa.Table]:
+    """Group a batch stream into tables of about chunk_rows rows (one data file each at most)."""
+    pending: list[pa.RecordBatch] = []
+    size = 0
+    for batch in batches:
+        if batch.num_rows == 0:
+            continue
+        pending.append(batch)
+        size += batch.num_rows
+        if size >= chunk_rows:
+            yield pa.Table.from_batches(pending)
+            pending, size = [], 0
+    if pending:
+        yield pa.Table.from_batches(pending)
+
+
+@dataclass
+class IcebergStream:
+    """Rows of one table within a scope, pinned to one snapshot, read batch by batch."""
+
+    table: Table
+    spec: TableSpec
+    scope: RowScope
+    snapshot_id: int | None
+    batch_rows: int = 100_000
+    columns: tuple[str, ...] = ("*",)
+    rows_read: int = field(default=0, init=False)
+
+    def batches(self) -> Iterator[pa.RecordBatch]:
+        if self.snapshot_id is None:
+            return
+        scan = self.table.scan(
+            row_filter=self.scope.expression(self.spec, self.table),
+            snapshot_id=self.snapshot_id,
+            selected_fields=self.columns,
+        )
+        for batch in scan.to_arrow_batch_reader():
+            for piece in batch.to_batches(self.batch_rows) if isinstance(batch, pa.Table) else [batch]:
+                self.rows_read += piece.num_rows
+                yield piece
+
+    def count(self) -> int:
+        if self.snapshot_id is None:
+            return 0
+        row_filter = self.scope.expression(self.spec, self.table)
+        return self.table.scan(row_filter=row_filter, snapshot_id=self.snapshot_id).count()
+
+
+def read_scope(
+    table: Table, spec: TableSpec, scope: RowScope, columns: tuple[str, ...] = ("*",)
+) -> IcebergStream:
+    """A stream over the table's current snapshot: later commits do not change what it yields."""
+    snapshot = table.current_snapshot()
+    return IcebergStream(table, spec, scope, snapshot.snapshot_id if snapshot else None, columns=columns)
+
+
+class IcebergIOManager(dg.IOManager):
+    """Stores each asset in the Iceberg table its metadata names (`table`, optional `table_slice`)."""
+
+    def __init__(self, catalog: IcebergCatalogResource, specs: Mapping[str, TableSpec], chunk_rows: int):
+        self.catalog, self.specs, self.chunk_rows = catalog, specs, chunk_rows
+
+    def _spec(self, metadata: Mapping[str, Any], asset_key: dg.AssetKey) -> TableSpec:
+        name = metadata.get("table")
+        name = name.value if hasattr(name, "value") else name
+        if not name or str(name).split(".")[-1] not in self.specs:
+            raise dg.DagsterInvariantViolationError(
+                f"Asset {asset_key.to_user_string()} has no declared table: set metadata 'table' to one of "
+                f"{sorted(self.specs)}"
+            )
+        return self.specs[str(name).split(".")[-1]]
+
+    @staticmethod
+    def _slice(metadata: Mapping[str, Any]) -> str | None:
+        value = metadata.get("table_slice")
+        return value.value if hasattr(value, "value") else value
+
+    def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
+        spec = self._spec(context.definition_metadata, context.asset_key)
+        window = context.step_context.partition_time_window if context.has_asset_partitions else None
+        scope = RowScope(
+            start=window.start if window else None,
+            end=window.end if window else None,
+            slice_value=self._slice(context.definition_metadata),
+        )
+        properties = {
+            "dagster.run-id": context.run_id,
+            "dagster.asset-key": context.asset_key.to_user_string(),
+            "dagster.partition-key": _partition_label(context),
+        }
+        table = self.catalog.ensure_table(spec)
+        report = replace_rows(table, spec, obj, scope, properties, self.chunk_rows)
+        extra = obj.output_metadata() if callable(getattr(obj, "output_metadata", None)) else {}
+        context.add_output_metadata(
+            {**report.metadata(), "table": spec.identifier, "scope": scope.describe(), **extra}
+        )
+
+    def load_input(self, context: dg.InputContext) -> IcebergStream:
+        upstream = context.upstream_output
+        assert upstream is not None
+        spec = self._spec(upstream.definition_metadata, context.asset_key)
+        window = None
+        if context.has_asset_partitions:
+            window = context.asset_partitions_time_window
+        elif context.step_context.has_partitions:
+            window = context.step_context.partition_time_window
+        scope = RowScope(
+            start=window.start if window else None,
+            end=window.end if window else None,
+            slice_value=self._slice(upstream.definition_metadata),
+        )
+        return read_scope(self.catalog.load_table(spec), spec, scope)
+
+
+def _partition_label(context: dg.OutputContext) -> str:
+    if not context.has_asset_partitions:
+        return ""
+    key_range = context.asset_partition_key_range
+    return (
+        key_range.start if key_range.start == key_range.end else json.dumps([key_range.start, key_range.end])
+    )
