@@ -1,0 +1,73 @@
+"""Binance spot `<symbol>@trade` events -> V2 records.
+
+One event is one trade. Prices and quantities arrive as strings, so they map to exact decimals without
+JSON float parsing. `m` (buyer is maker) names the passive side: when it is true the taker sold, which is
+the aggressor side V2 records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from k2_resources.exchanges import ExchangeConfig
+from k2_resources.feeds import (
+    MessageIdFactory,
+    SequenceFactory,
+    field,
+    micros_to_datetime,
+    new_message_id,
+    quote_currency,
+    to_decimal,
+    v2_record,
+)
+
+EVENT_TYPE = "trade"
+
+
+def unwrap(message: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The event itself, also when it came through a combined stream as {"stream": ..., "data": ...}."""
+    if "stream" in message and "data" in message:
+        data = message["data"]
+        if not isinstance(data, Mapping):
+            raise ValueError(f"Binance combined-stream message has no event object: {dict(message)!r}")
+        return data
+    return message
+
+
+def to_v2(
+    message: Mapping[str, Any],
+    exchange: ExchangeConfig,
+    received_at_us: int,
+    next_sequence: SequenceFactory,
+    *,
+    message_id: MessageIdFactory = new_message_id,
+) -> list[dict[str, Any]]:
+    """Map one Binance trade event to its single V2 record; any other event is a ValueError."""
+    event = unwrap(message)
+    event_type = event.get("e")
+    if event_type != EVENT_TYPE:
+        raise ValueError(f"Not a Binance trade event (e={event_type!r}): {dict(event)!r}")
+    trade_id = field(event, "t", int)
+    buyer_is_maker = field(event, "m", bool)
+    event_time = field(event, "E", int)
+    symbol, currency = quote_currency(exchange, field(event, "s", str))
+    record = v2_record(
+        exchange=exchange,
+        exchange_trade_id=trade_id,
+        symbol=symbol,
+        currency=currency,
+        timestamp=micros_to_datetime(field(event, "T", int) * 1000),
+        price=to_decimal(field(event, "p", str), "p"),
+        quantity=to_decimal(field(event, "q", str), "q"),
+        side="SELL" if buyer_is_maker else "BUY",
+        received_at_us=received_at_us,
+        next_sequence=next_sequence,
+        message_id=message_id,
+        vendor_data={
+            "is_buyer_maker": "true" if buyer_is_maker else "false",
+            "event_type": event_type,
+            "event_time": str(event_time),
+        },
+    )
+    return [record]

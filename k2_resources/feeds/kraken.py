@@ -1,0 +1,95 @@
+"""Kraken WebSocket v2 `trade` channel messages -> V2 records.
+
+Kraken batches several trades into one message, and every one of them becomes a record: the
+predecessor kept only `data[0]`, silently losing the rest. Prices and quantities are JSON numbers, so
+the frame must be parsed with `parse_float=Decimal` (`k2_resources.feeds.parse_message`) to keep them
+exact. Symbols may use Kraken's legacy `XBT`; `ExchangeConfig.normalise_symbol` maps it to `BTC`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from k2_resources.exchanges import ExchangeConfig
+from k2_resources.feeds import (
+    MessageIdFactory,
+    SequenceFactory,
+    field,
+    new_message_id,
+    quote_currency,
+    to_decimal,
+    v2_record,
+)
+
+CHANNEL = "trade"
+MESSAGE_TYPES = ("snapshot", "update")
+SIDES = {"buy": "BUY", "sell": "SELL"}
+
+
+def to_v2(
+    message: Mapping[str, Any],
+    exchange: ExchangeConfig,
+    received_at_us: int,
+    next_sequence: SequenceFactory,
+    *,
+    message_id: MessageIdFactory = new_message_id,
+) -> list[dict[str, Any]]:
+    """Map one trade-channel message to one V2 record per trade; any other message is a ValueError.
+
+    A malformed trade fails the whole message, so a handler skips it as one unit instead of emitting
+    part of a batch.
+    """
+    if message.get("channel") != CHANNEL or message.get("type") not in MESSAGE_TYPES:
+        raise ValueError(
+            f"Not a Kraken trade message (channel={message.get('channel')!r}, "
+            f"type={message.get('type')!r}): {dict(message)!r}"
+        )
+    trades = field(message, "data", list)
+    return [
+        trade_to_v2(trade, exchange, received_at_us, next_sequence, message_id=message_id) for trade in trades
+    ]
+
+
+def trade_to_v2(
+    trade: Any,
+    exchange: ExchangeConfig,
+    received_at_us: int,
+    next_sequence: SequenceFactory,
+    *,
+    message_id: MessageIdFactory = new_message_id,
+) -> dict[str, Any]:
+    """One entry of a trade message's `data` array as a V2 record."""
+    if not isinstance(trade, Mapping):
+        raise ValueError(f"Kraken trade entry is not an object: {trade!r}")
+    pair = field(trade, "symbol", str)
+    symbol, currency = quote_currency(exchange, pair)
+    side = field(trade, "side", str)
+    if side not in SIDES:
+        raise ValueError(f"Kraken trade side should be 'buy' or 'sell', got {side!r}")
+    return v2_record(
+        exchange=exchange,
+        exchange_trade_id=field(trade, "trade_id", int),
+        symbol=symbol,
+        currency=currency,
+        timestamp=parse_timestamp(field(trade, "timestamp", str)),
+        price=to_decimal(field(trade, "price", object), "price"),
+        quantity=to_decimal(field(trade, "qty", object), "qty"),
+        side=SIDES[side],
+        received_at_us=received_at_us,
+        next_sequence=next_sequence,
+        message_id=message_id,
+        vendor_data={"pair": pair, "order_type": str(field(trade, "ord_type", str))},
+    )
+
+
+def parse_timestamp(text: str) -> datetime:
+    """An RFC 3339 time with an offset; a time without one would be silently read as local time."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError as err:
+        raise ValueError(f"Kraken trade timestamp is not RFC 3339: {text!r}") from err
+    if moment.tzinfo is None:
+        raise ValueError(f"Kraken trade timestamp has no UTC offset: {text!r}")
+    return moment.astimezone(UTC)
