@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
 
-import dagster as dg
+if TYPE_CHECKING:
+    import dagster as dg
 
 
 def dagster_instance() -> dg.DagsterInstance:
     """The instance named by DAGSTER_HOME, or a throwaway one when none is configured."""
+    import dagster as dg  # imported here: every `k2` command builds this parser, few need Dagster
+
     return dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
 
 

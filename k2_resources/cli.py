@@ -11,6 +11,7 @@ COMMAND_MODULES = (
     "k2_resources.devstack.cli",
     "k2_resources.simulator.cli",
     "k2_assets.cli",
+    "k2_assets.dev",
 )
 
 
