@@ -44,7 +44,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         )
     if not result.success:
         for event in result.all_events:
-            if event.is_failure and event.step_failure_data is not None:
+            if event.is_step_failure:
                 print(event.step_failure_data.error.to_string(), file=sys.stderr)
         return 1
     return 0

@@ -59,7 +59,8 @@ def referenced_files(table: Table) -> set[str]:
         files.add(snapshot.manifest_list)
         for manifest in snapshot.manifests(table.io):
             files.add(manifest.manifest_path)
-            for entry in manifest.fetch_manifest_entry(table.io, discard_deleted=False):
+            # Only live entries keep a data file: a DELETED entry records a removal, not a use.
+            for entry in manifest.fetch_manifest_entry(table.io, discard_deleted=True):
                 files.add(entry.data_file.file_path)
     return {_normalise(path) for path in files}
 
