@@ -5,13 +5,14 @@ $K2_HOME/devstack.env, which the code location loads; a production deployment se
 PyIceberg catalog properties) in the environment instead.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: Dagster resolves resource field annotations at class creation.
 
 import os
 
 import dagster as dg
 
 from k2_resources.iceberg import IcebergCatalogResource
+from k2_resources.io_manager import DEFAULT_CHUNK_ROWS, IcebergIOManager
 from k2_resources.kafka import KafkaResource, SchemaRegistryResource
 from k2_resources.settings import KAFKA_BOOTSTRAP_SERVERS, SCHEMA_REGISTRY_URL
 
@@ -26,13 +27,42 @@ def automation_status() -> dg.DefaultSensorStatus:
     return dg.DefaultSensorStatus.RUNNING if value == "on" else dg.DefaultSensorStatus.STOPPED
 
 
+FRESHNESS_DELAY_SETTING = "K2_FRESHNESS_DELAY_MINUTES"
+
+
+def freshness_deadline_cron() -> str:
+    """An hour's Silver and Gold partitions must exist this many minutes after it closes (default 20)."""
+    raw = os.environ.get(FRESHNESS_DELAY_SETTING, "20")
+    if not raw.isdigit() or not 0 <= int(raw) <= 59:
+        raise ValueError(
+            f"{FRESHNESS_DELAY_SETTING} must be a whole number of minutes from 0 to 59, not {raw!r}"
+        )
+    return f"{int(raw)} * * * *"
+
+
 def schedule_status() -> dg.DefaultScheduleStatus:
     return dg.DefaultScheduleStatus(automation_status().value)
 
 
+class IcebergTablesIOManager(dg.ConfigurableIOManagerFactory):
+    """Stores Silver and Gold assets in their declared Iceberg tables, one partition per commit."""
+
+    iceberg: dg.ResourceDependency[IcebergCatalogResource]
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
+
+    def create_io_manager(self, context: dg.InitResourceContext) -> IcebergIOManager:
+        from k2_assets.tables import all_table_specs
+
+        return IcebergIOManager(
+            self.iceberg, {spec.name: spec for spec in all_table_specs()}, self.chunk_rows
+        )
+
+
 def build_resources() -> dict[str, object]:
+    iceberg = IcebergCatalogResource()
     return {
         "kafka": KafkaResource(bootstrap_servers=dg.EnvVar(KAFKA_BOOTSTRAP_SERVERS)),
         "schema_registry": SchemaRegistryResource(url=dg.EnvVar(SCHEMA_REGISTRY_URL)),
-        "iceberg": IcebergCatalogResource(),
+        "iceberg": iceberg,
+        "iceberg_io_manager": IcebergTablesIOManager(iceberg=iceberg),
     }

@@ -42,6 +42,8 @@ BASE_TABLE_PROPERTIES: dict[str, str] = {
     "commit.manifest-merge.enabled": "true",
     "write.metadata.delete-after-commit.enabled": "true",
     "write.metadata.previous-versions-max": "50",
+    # Readers stream a row group at a time: keep them small enough that one never dominates memory.
+    "write.parquet.row-group-limit": "100000",
 }
 
 

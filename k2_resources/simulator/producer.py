@@ -302,7 +302,13 @@ class RecordBuilder:
         trade, earlier = self.history[self.rng.randrange(len(self.history))]
         if kind == "redelivery":
             return replace(earlier, kind=kind, market_us=self.end_us)
-        replayed = {**trade, "message_id": self.new_id()}
+        # The feed handler receives the same exchange trade again: a new message_id and a later receive
+        # time (ingestion_timestamp), which is how Gold's dedup tells the first copy from the replay.
+        first_received = trade["ingestion_timestamp"]
+        first_us = first_received if isinstance(first_received, int) else datetime_to_micros(first_received)
+        received_us = max(self.end_us, first_us) + 1_000
+        received = received_us if isinstance(first_received, int) else micros_to_datetime(received_us)
+        replayed = {**trade, "message_id": self.new_id(), "ingestion_timestamp": received}
         return self._outgoing(kind, replayed, self.encoder.v2(replayed), self.end_us)
 
     def _outgoing(self, kind: str, record: dict[str, Any], value: bytes, market_us: int) -> Outgoing:

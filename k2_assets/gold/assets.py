@@ -1,0 +1,189 @@
+"""`gold_crypto_trades`: every valid trade of every exchange, once, by event hour.
+
+Gold partition H is computed from scratch from the Silver rows of all exchanges whose trade time falls
+in H, wherever those rows sit in Silver (a trade that arrived days late is in an old event hour but a
+new Silver partition). Exact duplicates (same message_id) are dropped, keeping the first ingested
+copy; rows the dedup job removed (listed in `gold_dedup_audit`) stay removed on every re-run.
+Deduplication spills to disk by key hash, so memory is bounded whatever the hour's size.
+"""
+
+# No `from __future__ import annotations`: Dagster reads op parameter annotations at definition time.
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import dagster as dg
+import pyarrow as pa
+import pyarrow.compute as pc
+from pyiceberg.expressions import And, GreaterThanOrEqual, LessThan, LessThanOrEqual
+from pyiceberg.table import Table
+
+from k2_assets.gold.checks import gold_check_specs, matches_silver_result, no_duplicates_result
+from k2_assets.gold.dedup import DedupPlan, deduplicate, find_duplicates
+from k2_assets.gold.tables import DEDUP_AUDIT_TABLE_SPEC, GOLD_TABLE_SPEC
+from k2_assets.partitions import hourly_automation, hourly_partitions
+from k2_assets.silver.assets import IO_MANAGER_KEY, silver_asset_key
+from k2_assets.silver.tables import silver_table_spec, v2_fields
+from k2_resources.exchanges import EXCHANGES
+from k2_resources.iceberg import IcebergCatalogResource
+from k2_resources.io_manager import RowScope, read_scope
+
+GOLD_KEY = dg.AssetKey(GOLD_TABLE_SPEC.name)
+V2_COLUMNS = tuple(f.name for f in v2_fields())
+LINEAGE_COLUMNS = ("bronze_ingestion_timestamp", "topic", "partition", "offset")
+FIRST_INGESTED = DedupPlan(key=["message_id"], order=list(LINEAGE_COLUMNS), output_order=["timestamp"])
+MICROS_PER_HOUR = 3_600_000_000
+
+
+def to_micros(moment: datetime) -> int:
+    return int(moment.timestamp() * 1_000_000)
+
+
+def event_time_filter(start: datetime, end: datetime):
+    """Trades with start <= timestamp < end; the exchange_date bounds let Iceberg prune Silver's day partitions."""
+    last_day = (end - timedelta(microseconds=1)).date()
+    return And(
+        GreaterThanOrEqual("exchange_date", start.date().isoformat()),
+        LessThanOrEqual("exchange_date", last_day.isoformat()),
+        GreaterThanOrEqual("timestamp", to_micros(start)),
+        LessThan("timestamp", to_micros(end)),
+    )
+
+
+class SilverTrades:
+    """The Silver rows of every exchange whose trade time falls in a window, pinned to snapshots."""
+
+    def __init__(self, iceberg: IcebergCatalogResource, start: datetime, end: datetime):
+        self.start, self.end = start, end
+        self.tables: list[Table] = [iceberg.ensure_table(silver_table_spec(e)) for e in EXCHANGES]
+        self.snapshots = {
+            t.name()[-1]: (t.current_snapshot().snapshot_id if t.current_snapshot() else None)
+            for t in self.tables
+        }
+
+    def _scans(self, columns: tuple[str, ...]):
+        for table in self.tables:
+            snapshot_id = self.snapshots[table.name()[-1]]
+            if snapshot_id is not None:
+                yield table.scan(
+                    row_filter=event_time_filter(self.start, self.end),
+                    snapshot_id=snapshot_id,
+                    selected_fields=columns,
+                )
+
+    def rows_hint(self) -> int:
+        """An upper bound of the rows in the window (file record counts), to size dedup buckets."""
+        return sum(
+            task.file.record_count for scan in self._scans(("message_id",)) for task in scan.plan_files()
+        )
+
+    def batches(self, columns: tuple[str, ...] = V2_COLUMNS + LINEAGE_COLUMNS) -> Iterator[pa.RecordBatch]:
+        for scan in self._scans(columns):
+            yield from scan.to_arrow_batch_reader()
+
+
+def audited_removals(iceberg: IcebergCatalogResource, start: datetime, end: datetime) -> set[str]:
+    """`message_id|hour` of every Gold row the dedup job removed in the window."""
+    audit = iceberg.ensure_table(DEDUP_AUDIT_TABLE_SPEC)
+    if audit.current_snapshot() is None:
+        return set()
+    rows = audit.scan(
+        row_filter=event_time_filter(start, end), selected_fields=("message_id", "timestamp")
+    ).to_arrow()
+    return set(row_keys(rows).to_pylist())
+
+
+def row_keys(rows: pa.Table | pa.RecordBatch) -> pa.Array:
+    """`message_id|event hour index`: identifies one Gold row (message_ids are unique within an hour)."""
+    hour = pc.divide(rows.column("timestamp"), MICROS_PER_HOUR).cast(pa.string())
+    return pc.binary_join_element_wise(rows.column("message_id").cast(pa.string()), hour, "|")
+
+
+def without_removed(
+    batches: Iterator[pa.RecordBatch], removed: set[str], stats: dict
+) -> Iterator[pa.RecordBatch]:
+    removed_keys = pa.array(sorted(removed), pa.string())
+    for batch in batches:
+        stats["silver_rows"] += batch.num_rows
+        if len(removed_keys):
+            keep = pc.invert(pc.is_in(row_keys(batch), value_set=removed_keys))
+            batch = batch.filter(keep)
+        stats["after_audit"] += batch.num_rows
+        yield batch
+
+
+def to_gold(batch: pa.RecordBatch, now: datetime) -> pa.RecordBatch:
+    """Silver columns -> the 18 Gold columns."""
+    hours = pc.divide(batch.column("timestamp"), MICROS_PER_HOUR)
+    days = pc.divide(hours, 24)
+    columns = {name: batch.column(name) for name in V2_COLUMNS}
+    columns["gold_ingestion_timestamp"] = pa.array([now] * batch.num_rows, pa.timestamp("us", tz="UTC"))
+    columns["exchange_date"] = days.cast(pa.int32()).cast(pa.date32())
+    columns["exchange_hour"] = pc.subtract(hours, pc.multiply(days, 24)).cast(pa.int32())
+    return pa.RecordBatch.from_pydict(columns)
+
+
+class GoldStream:
+    """The Gold rows of a window, streamed into the IO manager, with what was dropped on the way."""
+
+    def __init__(self, silver: SilverTrades, removed: set[str]):
+        self.silver, self.removed = silver, removed
+        self.stats = {"silver_rows": 0, "after_audit": 0, "gold_rows": 0}
+        self.now = datetime.now(UTC)
+
+    def __iter__(self) -> Iterator[pa.RecordBatch]:
+        rows = without_removed(self.silver.batches(), self.removed, self.stats)
+        for batch in deduplicate(rows, FIRST_INGESTED, max(1, self.silver.rows_hint())):
+            self.stats["gold_rows"] += batch.num_rows
+            yield to_gold(batch, self.now)
+
+    def output_metadata(self) -> dict:
+        return {
+            "silver_rows_in_window": self.stats["silver_rows"],
+            "exact_duplicates_dropped": self.stats["after_audit"] - self.stats["gold_rows"],
+            "removed_by_dedup_job": self.stats["silver_rows"] - self.stats["after_audit"],
+            "silver_snapshots": dg.MetadataValue.json({k: str(v) for k, v in self.silver.snapshots.items()}),
+        }
+
+
+@dg.asset(
+    key=GOLD_KEY,
+    partitions_def=hourly_partitions,
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    deps=[
+        dg.AssetDep(
+            silver_asset_key(e),
+            partition_mapping=dg.TimeWindowPartitionMapping(
+                start_offset=0, end_offset=1, allow_nonexistent_upstream_partitions=True
+            ),
+        )
+        for e in EXCHANGES
+    ],
+    io_manager_key=IO_MANAGER_KEY,
+    group_name="gold",
+    kinds={"iceberg"},
+    description=GOLD_TABLE_SPEC.description,
+    metadata={"table": GOLD_TABLE_SPEC.name},
+    check_specs=gold_check_specs(GOLD_KEY),
+    automation_condition=hourly_automation(complete_at_minute=10),
+)
+def gold_crypto_trades(context: dg.AssetExecutionContext, iceberg: IcebergCatalogResource):
+    window = context.partition_time_window
+    silver = SilverTrades(iceberg, window.start, window.end)
+    removed = audited_removals(iceberg, window.start, window.end)
+    stream = GoldStream(silver, removed)
+    yield dg.Output(stream)
+    gold = read_scope(
+        iceberg.load_table(GOLD_TABLE_SPEC), GOLD_TABLE_SPEC, RowScope(window.start, window.end)
+    )
+    yield no_duplicates_result(GOLD_KEY, gold, find_duplicates)
+    expected = count_distinct_trades(silver, removed)
+    yield matches_silver_result(GOLD_KEY, gold.count(), expected)
+
+
+def count_distinct_trades(silver: SilverTrades, removed: set[str]) -> int:
+    """Distinct message_ids of the window's Silver rows, less the rows the dedup job removed."""
+    stats = {"silver_rows": 0, "after_audit": 0}
+    rows = without_removed(silver.batches(("message_id", "timestamp")), removed, stats)
+    plan = DedupPlan(key=["message_id"], order=["message_id"])
+    return sum(b.num_rows for b in deduplicate(rows, plan, max(1, silver.rows_hint())))

@@ -1,0 +1,232 @@
+"""`gold_dedup_job`: find duplicate trades in Gold, audit them, then rewrite only the affected hours.
+
+Stage 1 reads the lookback window of Gold (key columns only) and finds every row that repeats an
+earlier-ingested one, by message_id or by the natural key (exchange, symbol, trade_id) — the latter
+catches a trade replayed under a new message_id. It appends what it will remove, with the reason and
+the copy kept, to `gold_dedup_audit` (rows already audited are not added again). Stage 2 rewrites each
+hour that still holds an audited row, one atomic commit per hour. The audit is the plan: a run that
+dies between the stages leaves it behind, and the next run's stage 2 completes it, removing each row
+once. `dry_run` stops after stage 1 and writes nothing.
+"""
+
+# No `from __future__ import annotations`: Dagster reads op parameter annotations at definition time.
+
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+
+import dagster as dg
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field
+
+from k2_assets.gold.assets import GOLD_KEY, event_time_filter, row_keys
+from k2_assets.gold.dedup import DedupPlan, find_duplicates
+from k2_assets.gold.tables import DEDUP_AUDIT_TABLE_SPEC, GOLD_TABLE_SPEC
+from k2_assets.partitions import HOUR_KEY_FORMAT
+from k2_resources.crashpoints import crash_point
+from k2_resources.iceberg import IcebergCatalogResource
+from k2_resources.io_manager import RowScope, conform, read_scope, replace_rows
+
+AUDIT_KEY = dg.AssetKey(DEDUP_AUDIT_TABLE_SPEC.name)
+KEY_COLUMNS = (
+    "message_id",
+    "exchange",
+    "symbol",
+    "trade_id",
+    "timestamp",
+    "ingestion_timestamp",
+    "exchange_date",
+    "exchange_hour",
+)
+# Earliest ingested copy wins; message_id breaks ties so every run picks the same survivor.
+RULES = (
+    ("DUPLICATE_MESSAGE_ID", DedupPlan(key=["message_id"], order=["ingestion_timestamp", "timestamp"])),
+    (
+        "DUPLICATE_TRADE_KEY",
+        DedupPlan(key=["exchange", "symbol", "trade_id"], order=["ingestion_timestamp", "message_id"]),
+    ),
+)
+
+audit_asset = dg.AssetSpec(
+    AUDIT_KEY,
+    deps=[GOLD_KEY],
+    group_name="gold",
+    kinds={"iceberg"},
+    description=DEDUP_AUDIT_TABLE_SPEC.description,
+    metadata={"table": DEDUP_AUDIT_TABLE_SPEC.name},
+)
+
+
+class GoldDedupConfig(dg.Config):
+    lookback_hours: int = Field(24, description="Event hours to search, ending with the running hour.")
+    dry_run: bool = Field(False, description="Report what would be removed; change no table.")
+
+
+def hour_key(micros: int) -> str:
+    return (datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=micros)).strftime(HOUR_KEY_FORMAT)
+
+
+def lookback_window(hours: int, now: datetime) -> tuple[datetime, datetime]:
+    if hours <= 0:
+        raise ValueError(f"lookback_hours must be positive, not {hours}")
+    end = now.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+    return end - timedelta(hours=hours), end
+
+
+def detect(iceberg: IcebergCatalogResource, start: datetime, end: datetime) -> pa.Table:
+    """Every Gold row to remove in the window, once, with its reason and the message_id kept."""
+    gold = iceberg.ensure_table(GOLD_TABLE_SPEC)
+    snapshot = gold.current_snapshot()
+    if snapshot is None:
+        return pa.table({})
+    found: list[pa.Table] = []
+    for reason, plan in RULES:
+        scan = gold.scan(
+            row_filter=event_time_filter(start, end),
+            snapshot_id=snapshot.snapshot_id,
+            selected_fields=KEY_COLUMNS,
+        )
+        rows_hint = max(1, sum(t.file.record_count for t in scan.plan_files()))
+        target = scan.projection().as_arrow().append(pa.field("kept_message_id", pa.string()))
+        pieces = [
+            conform(b, target) for b in find_duplicates(iter(scan.to_arrow_batch_reader()), plan, rows_hint)
+        ]
+        losers = pa.concat_tables(pieces) if pieces else target.empty_table()
+        found.append(losers.append_column("reason", pa.array([reason] * losers.num_rows, pa.string())))
+    both = pa.concat_tables(found)
+    keys = row_keys(both)
+    first = pc.equal(pc.index_in(keys, value_set=keys), pa.array(range(both.num_rows), pa.int32()))
+    return both.filter(first)  # a row found by both rules is audited once, under the first reason
+
+
+def audited(iceberg: IcebergCatalogResource, start: datetime, end: datetime) -> pa.Table:
+    audit = iceberg.ensure_table(DEDUP_AUDIT_TABLE_SPEC)
+    if audit.current_snapshot() is None:
+        return audit.schema().as_arrow().empty_table()
+    return audit.scan(row_filter=event_time_filter(start, end)).to_arrow()
+
+
+def audit_rows(found: pa.Table, run_id: str, now: datetime) -> pa.Table:
+    n = found.num_rows
+    return pa.table(
+        {
+            "message_id": found["message_id"],
+            "exchange": found["exchange"],
+            "symbol": found["symbol"],
+            "trade_id": found["trade_id"],
+            "timestamp": found["timestamp"],
+            "exchange_date": found["exchange_date"],
+            "exchange_hour": found["exchange_hour"],
+            "reason": found["reason"],
+            "kept_message_id": found["kept_message_id"],
+            "dedup_run_id": pa.array([run_id] * n, pa.string()),
+            "detected_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
+        }
+    )
+
+
+def pending_hours(iceberg: IcebergCatalogResource, audit: pa.Table) -> list[str]:
+    """Hours where a row the audit says to remove is still in Gold."""
+    if audit.num_rows == 0:
+        return []
+    gold = iceberg.load_table(GOLD_TABLE_SPEC)
+    wanted = row_keys(audit)
+    hours: set[str] = set()
+    for hour in sorted({hour_key(ts) for ts in audit["timestamp"].to_pylist()}):
+        start = datetime.strptime(hour, HOUR_KEY_FORMAT).replace(tzinfo=UTC)
+        stream = read_scope(
+            gold,
+            GOLD_TABLE_SPEC,
+            RowScope(start, start + timedelta(hours=1)),
+            columns=("message_id", "timestamp"),
+        )
+        if any(pc.any(pc.is_in(row_keys(b), value_set=wanted)).as_py() for b in stream.batches()):
+            hours.add(hour)
+    return sorted(hours)
+
+
+@dg.op(out=dg.Out(list), description="Stage 1: find duplicates in the lookback window and audit them.")
+def find_gold_duplicates(
+    context: dg.OpExecutionContext, config: GoldDedupConfig, iceberg: IcebergCatalogResource
+) -> list:
+    now = datetime.now(UTC)
+    start, end = lookback_window(config.lookback_hours, now)
+    found = detect(iceberg, start, end)
+    already = audited(iceberg, start, end)
+    new = (
+        found.filter(pc.invert(pc.is_in(row_keys(found), value_set=row_keys(already))))
+        if found.num_rows
+        else found
+    )
+    by_hour = (
+        Counter(
+            zip((hour_key(t) for t in new["timestamp"].to_pylist()), new["reason"].to_pylist(), strict=True)
+        )
+        if new.num_rows
+        else Counter()
+    )
+    report = {f"{hour} {reason}": count for (hour, reason), count in sorted(by_hour.items())}
+    context.log.info(
+        f"Duplicates found in [{start}, {end}): {found.num_rows} ({new.num_rows} not yet audited): {report}"
+    )
+    if config.dry_run:
+        context.add_output_metadata(
+            {
+                "dry_run": True,
+                "found": found.num_rows,
+                "would_audit": new.num_rows,
+                "by_hour": dg.MetadataValue.json(report),
+            }
+        )
+        return []
+    if new.num_rows:
+        audit_table = iceberg.ensure_table(DEDUP_AUDIT_TABLE_SPEC)
+        audit_table.append(
+            audit_rows(new, context.run_id, now), snapshot_properties={"dagster.run-id": context.run_id}
+        )
+        context.log_event(
+            dg.AssetMaterialization(
+                asset_key=AUDIT_KEY,
+                metadata={"rows_added": new.num_rows, "by_hour": dg.MetadataValue.json(report)},
+            )
+        )
+    hours = pending_hours(iceberg, audited(iceberg, start, end))
+    context.add_output_metadata(
+        {"found": found.num_rows, "audited": new.num_rows, "hours_to_rewrite": dg.MetadataValue.json(hours)}
+    )
+    crash_point("gold.between_dedup_stages")
+    return hours
+
+
+@dg.op(description="Stage 2: rewrite each affected hour without its audited rows, one commit per hour.")
+def remove_gold_duplicates(
+    context: dg.OpExecutionContext, hours: list, iceberg: IcebergCatalogResource
+) -> None:
+    gold = iceberg.load_table(GOLD_TABLE_SPEC)
+    for hour in hours:
+        start = datetime.strptime(hour, HOUR_KEY_FORMAT).replace(tzinfo=UTC)
+        end = start + timedelta(hours=1)
+        remove = row_keys(audited(iceberg, start, end))
+        stream = read_scope(gold, GOLD_TABLE_SPEC, RowScope(start, end))
+        before = stream.count()
+        kept = (b.filter(pc.invert(pc.is_in(row_keys(b), value_set=remove))) for b in stream.batches())
+        properties = {"dagster.run-id": context.run_id, "dagster.partition-key": hour, "k2.dedup": "stage-2"}
+        report = replace_rows(gold, GOLD_TABLE_SPEC, kept, RowScope(start, end), properties)
+        context.log_event(
+            dg.AssetMaterialization(
+                asset_key=GOLD_KEY,
+                partition=hour,
+                metadata={
+                    "rows": report.rows,
+                    "removed_duplicates": before - report.rows,
+                    "snapshot_id": str(report.snapshot_id),
+                },
+                description="gold_dedup_job stage 2",
+            )
+        )
+        context.log.info(f"{hour}: removed {before - report.rows} duplicate rows, {report.rows} remain")
+
+
+@dg.job(description="Two-stage Gold dedup: audit duplicates, then rewrite only the affected hours.")
+def gold_dedup_job() -> None:
+    remove_gold_duplicates(find_gold_duplicates())

@@ -1,0 +1,241 @@
+"""Silver assets: per exchange, one hourly partition = the Bronze rows ingested in that hour.
+
+One pass over Bronze decodes and validates each record and sends it either to
+`silver_<exchange>_trades` or to the exchange's slice of `silver_dlq_trades` (asset key
+`silver_dlq_trades/<exchange>`). Silver batches stream straight into the Iceberg IO manager; DLQ
+batches are spilled to a local Parquet file during the pass and written next, so memory stays
+bounded whatever the partition's size. Conservation is then checked against the tables themselves.
+"""
+
+# No `from __future__ import annotations`: Dagster reads op parameter annotations at definition time.
+
+import json
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import dagster as dg
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from k2_assets.bronze.assets import bronze_asset_key
+from k2_assets.bronze.tables import bronze_table_spec
+from k2_assets.partitions import HOUR_KEY_FORMAT, hourly_automation, hourly_partitions
+from k2_assets.silver.checks import conservation_result, dlq_rate_result, silver_check_specs
+from k2_assets.silver.tables import DLQ_TABLE_SPEC, silver_table_spec
+from k2_assets.silver.transform import ValidationRules, WriterSchemas, transform_batches
+from k2_resources.exchanges import EXCHANGES, ExchangeConfig
+from k2_resources.iceberg import IcebergCatalogResource
+from k2_resources.io_manager import IcebergStream, RowScope, read_scope
+from k2_resources.kafka import SchemaRegistryResource
+
+IO_MANAGER_KEY = "iceberg_io_manager"
+MICROS_PER_HOUR = 3_600_000_000
+
+
+class SilverConfig(dg.Config):
+    """Validation bounds for trade timestamps (defaults suit live feeds; widen them for old replays)."""
+
+    max_future_skew_seconds: float = Field(
+        300.0, description="How far a trade may be after its Bronze ingestion."
+    )
+    max_age_hours: float = Field(168.0, description="How far a trade may be before its Bronze ingestion.")
+    max_kafka_skew_seconds: float = Field(
+        3600.0, description="Allowed gap between trade time and Kafka timestamp."
+    )
+
+    def rules(self) -> ValidationRules:
+        return ValidationRules(
+            max_future_skew=timedelta(seconds=self.max_future_skew_seconds),
+            max_age=timedelta(hours=self.max_age_hours),
+            max_kafka_skew=timedelta(seconds=self.max_kafka_skew_seconds),
+        )
+
+
+def silver_asset_key(exchange: ExchangeConfig) -> dg.AssetKey:
+    return dg.AssetKey(silver_table_spec(exchange).name)
+
+
+def dlq_asset_key(exchange: ExchangeConfig) -> dg.AssetKey:
+    return dg.AssetKey([DLQ_TABLE_SPEC.name, exchange.name])
+
+
+class SilverPass:
+    """One pass over a window of Bronze: Silver batches out, DLQ batches spilled, everything counted."""
+
+    def __init__(self, spill_path: Path):
+        self.spill_path = spill_path
+        self.silver_rows = 0
+        self.dlq_rows = 0
+        self.categories: Counter[str] = Counter()
+        self.event_hours: Counter[int] = Counter()
+        self._writer: pq.ParquetWriter | None = None
+
+    def run(self, transformed: Iterator[tuple[pa.RecordBatch, pa.RecordBatch]]) -> Iterator[pa.RecordBatch]:
+        for silver, dlq in transformed:
+            self._spill(dlq)
+            self.silver_rows += silver.num_rows
+            if silver.num_rows:
+                hours = pc.divide(silver.column("timestamp"), MICROS_PER_HOUR).value_counts()
+                for item in hours:
+                    self.event_hours[item["values"].as_py()] += item["counts"].as_py()
+                yield silver
+        if self._writer is not None:
+            self._writer.close()
+
+    def _spill(self, dlq: pa.RecordBatch) -> None:
+        if dlq.num_rows == 0:
+            return
+        keys = pc.strftime(dlq.column("bronze_ingestion_timestamp"), format=HOUR_KEY_FORMAT)
+        dlq = dlq.set_column(dlq.schema.get_field_index("silver_partition"), "silver_partition", keys)
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self.spill_path, dlq.schema)
+        self._writer.write_batch(dlq)
+        self.dlq_rows += dlq.num_rows
+        self.categories.update(dlq.column("error_category").to_pylist())
+
+    def dlq_batches(self) -> Iterator[pa.RecordBatch]:
+        if self.dlq_rows:
+            yield from pq.ParquetFile(self.spill_path).iter_batches(batch_size=50_000)
+
+    def event_hour_keys(self) -> dict[str, int]:
+        return {
+            (datetime(1970, 1, 1, tzinfo=UTC) + timedelta(hours=hour)).strftime(HOUR_KEY_FORMAT): count
+            for hour, count in sorted(self.event_hours.items())
+        }
+
+
+class SilverStream:
+    """The Silver output: iterated by the IO manager, then asked for its metadata."""
+
+    def __init__(self, silver_pass: SilverPass, transformed: Iterator[tuple[pa.RecordBatch, pa.RecordBatch]]):
+        self.silver_pass = silver_pass
+        self.transformed = transformed
+
+    def __iter__(self) -> Iterator[pa.RecordBatch]:
+        return self.silver_pass.run(self.transformed)
+
+    def output_metadata(self) -> dict:
+        return {
+            "event_hours": dg.MetadataValue.json(self.silver_pass.event_hour_keys()),
+            "dlq_rows": self.silver_pass.dlq_rows,
+        }
+
+
+class DlqStream:
+    def __init__(self, silver_pass: SilverPass):
+        self.silver_pass = silver_pass
+
+    def __iter__(self) -> Iterator[pa.RecordBatch]:
+        return self.silver_pass.dlq_batches()
+
+    def output_metadata(self) -> dict:
+        return {f"dlq_{k.lower()}": v for k, v in sorted(self.silver_pass.categories.items())}
+
+
+def existing_rows(
+    iceberg: IcebergCatalogResource, exchange: ExchangeConfig, start: datetime, end: datetime
+) -> int:
+    """Silver + DLQ rows already stored for the window."""
+    silver_spec = silver_table_spec(exchange)
+    silver = read_scope(iceberg.ensure_table(silver_spec), silver_spec, RowScope(start, end)).count()
+    dlq_table = iceberg.ensure_table(DLQ_TABLE_SPEC)
+    return silver + read_scope(dlq_table, DLQ_TABLE_SPEC, RowScope(start, end, exchange.name)).count()
+
+
+def refuse_if_bronze_expired(
+    iceberg: IcebergCatalogResource,
+    exchange: ExchangeConfig,
+    bronze: IcebergStream,
+    start: datetime,
+    end: datetime,
+) -> None:
+    """Bronze only ever gains rows in a past window, unless retention deleted them: then re-deriving
+    Silver from what is left would erase Silver rows that can no longer be rebuilt."""
+    stored, available = existing_rows(iceberg, exchange, start, end), bronze.count()
+    if available < stored:
+        raise dg.Failure(
+            f"Bronze holds {available} rows of {exchange.name} ingested in [{start}, {end}) but Silver and the DLQ "
+            f"hold {stored}: Bronze retention ({exchange.retention_days} days) removed rows of this window, and "
+            "re-materialising it would erase Silver rows. Use the silver_dlq_replay job to reprocess DLQ rows."
+        )
+
+
+def build_silver_asset(exchange: ExchangeConfig) -> dg.AssetsDefinition:
+    """`silver_<exchange>_trades` and `silver_dlq_trades/<exchange>`, written by one pass over Bronze."""
+    silver_key, dlq_key = silver_asset_key(exchange), dlq_asset_key(exchange)
+    bronze_spec, silver_spec = bronze_table_spec(exchange), silver_table_spec(exchange)
+
+    @dg.multi_asset(
+        name=f"silver_{exchange.name}",
+        partitions_def=hourly_partitions,
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        deps=[bronze_asset_key(exchange)],
+        outs={
+            "silver": dg.AssetOut(
+                key=silver_key,
+                io_manager_key=IO_MANAGER_KEY,
+                group_name="silver",
+                kinds={"iceberg"},
+                description=silver_spec.description,
+                metadata={"table": silver_spec.name},
+                automation_condition=hourly_automation(complete_at_minute=5),
+                is_required=True,
+            ),
+            "dlq": dg.AssetOut(
+                key=dlq_key,
+                io_manager_key=IO_MANAGER_KEY,
+                group_name="silver",
+                kinds={"iceberg"},
+                description=f"{exchange.code} records rejected by Silver: {DLQ_TABLE_SPEC.description}",
+                metadata={"table": DLQ_TABLE_SPEC.name, "table_slice": exchange.name},
+                automation_condition=hourly_automation(complete_at_minute=5),
+            ),
+        },
+        check_specs=silver_check_specs(silver_key),
+        can_subset=False,
+    )
+    def silver_asset(
+        context: dg.AssetExecutionContext,
+        config: SilverConfig,
+        schema_registry: SchemaRegistryResource,
+        iceberg: IcebergCatalogResource,
+    ):
+        window = context.partition_time_window
+        bronze = read_scope(
+            iceberg.ensure_table(bronze_spec), bronze_spec, RowScope(window.start, window.end)
+        )
+        refuse_if_bronze_expired(iceberg, exchange, bronze, window.start, window.end)
+        label = (
+            context.partition_key_range.start
+            if len(context.partition_keys) == 1
+            else json.dumps(context.partition_keys)
+        )
+        with tempfile.TemporaryDirectory(prefix="k2-silver-dlq-") as scratch:
+            silver_pass = SilverPass(Path(scratch) / "dlq.parquet")
+            transformed = transform_batches(
+                bronze.batches(),
+                exchange=exchange,
+                schemas=WriterSchemas(schema_registry.client()),
+                rules=config.rules(),
+                partition_key=label,
+                now=datetime.now(UTC),
+            )
+            yield dg.Output(SilverStream(silver_pass, transformed), output_name="silver")
+            yield dg.Output(DlqStream(silver_pass), output_name="dlq")
+        silver_rows = read_scope(
+            iceberg.load_table(silver_spec), silver_spec, RowScope(window.start, window.end)
+        ).count()
+        dlq_scope = RowScope(window.start, window.end, exchange.name)
+        dlq_rows = read_scope(iceberg.load_table(DLQ_TABLE_SPEC), DLQ_TABLE_SPEC, dlq_scope).count()
+        yield conservation_result(silver_key, bronze.rows_read, silver_rows, dlq_rows, bronze.snapshot_id)
+        yield dlq_rate_result(silver_key, exchange, bronze.rows_read, dlq_rows, silver_pass.categories)
+
+    return silver_asset
+
+
+silver_assets = [build_silver_asset(e) for e in EXCHANGES]
