@@ -132,9 +132,8 @@ def evolve_table(table: Table, spec: TableSpec) -> Table:
     Only additive changes are made: a new optional column is added by schema evolution; a column the
     table has but the spec lacks is kept (dropping data is never automatic).
     """
-    missing = [
-        f.name for f in spec.schema.fields if table.schema().find_field(f.name, case_sensitive=False) is None
-    ]
+    existing = {f.name.lower() for f in table.schema().fields}
+    missing = [f.name for f in spec.schema.fields if f.name.lower() not in existing]
     current = table.properties
     changed = {
         k: v for k, v in spec.all_properties().items() if k != "format-version" and current.get(k) != v
@@ -147,7 +146,7 @@ def evolve_table(table: Table, spec: TableSpec) -> Table:
                 update.union_by_name(spec.schema)
         if changed:
             tx.set_properties(changed)
-    return table
+    return table.refresh()
 
 
 def to_arrow(spec: TableSpec, data: Any) -> pa.Table:
