@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 export K2_HOME ?= $(CURDIR)/.k2
 
-.PHONY: install run test dev lint bench clean
+.PHONY: install system-deps run test dev lint bench clean
 
 $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
@@ -16,10 +16,17 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/uv
 
 install: $(VENV)/.installed ## create the virtualenv and install K2 with its dev tools
 
+# Debian's Chromium for the browser test (Playwright drives it; it never downloads a browser).
+system-deps:
+	@command -v chromium >/dev/null 2>&1 || { \
+		echo "installing Debian's chromium for the browser test"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+		|| echo "WARNING: could not install chromium; the browser test will be skipped"; }
+
 run: install ## run the whole pipeline end to end on the embedded default
 	$(BIN)/k2 run
 
-test: install ## run the test suite against real parts
+test: install system-deps ## run the test suite against real parts
 	$(BIN)/pytest -q
 
 dev: install ## dagster dev on 127.0.0.1 with the dev stack up and the simulator streaming

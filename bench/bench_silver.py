@@ -1,0 +1,107 @@
+"""Benchmark: Bronze -> Silver through the real pipeline, against plain fastavro one record at a time.
+
+On a dev stack of its own (real Schema Registry process, SQLite catalog in a temporary K2_HOME) it
+lands N framed V2 records (about 1 % corrupt) in `bronze_binance_trades` for the current hour, then
+materialises that Silver partition through Dagster in this process: read Bronze from Iceberg, decode
+by schema id, validate, write Silver and the DLQ, check conservation. In the same run it decodes the
+same payloads one at a time with fastavro.schemaless_reader and nothing else. Prints records/s of
+both and the peak RSS of the process.
+
+    .venv/bin/python bench/bench_silver.py [--records 1000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import resource
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def decode_bench_module():
+    """The record generator and the plain-fastavro baseline of bench_silver_decode.py."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_silver_decode", ROOT / "bench" / "bench_silver_decode.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--records", type=int, default=1_000_000)
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    with tempfile.TemporaryDirectory(prefix="k2-bench-silver-") as tmp:
+        os.environ["K2_HOME"] = tmp
+        from k2_resources.devstack import start_devstack, stop_devstack
+
+        info = start_devstack(Path(tmp))
+        os.environ.update(info.env())
+        try:
+            run(args.records, info.schema_ids)
+        finally:
+            stop_devstack(Path(tmp))
+
+
+def run(records: int, schema_ids: dict) -> None:
+    import dagster as dg
+    import pyarrow as pa
+
+    from k2_assets.bronze.tables import bronze_table_spec
+    from k2_assets.definitions import defs
+    from k2_assets.partitions import HOUR_KEY_FORMAT
+    from k2_resources.exchanges import exchange
+    from k2_resources.iceberg import IcebergCatalogResource
+
+    bench = decode_bench_module()
+    now = datetime.now(UTC)
+    schema_id = next(iter(schema_ids.values())) if isinstance(schema_ids, dict) else 1
+    batches = bench.bronze_batches(records, 100_000, schema_id, now)
+    bronze = IcebergCatalogResource().ensure_table(bronze_table_spec(exchange("binance")))
+    for batch in batches:
+        bronze.append(pa.Table.from_batches([batch]).cast(bronze.schema().as_arrow()))
+    print(f"landed {records:,} Bronze rows for {now.strftime(HOUR_KEY_FORMAT)}")
+
+    job = defs.resolve_implicit_global_asset_job_def()
+    selection = [dg.AssetKey("silver_binance_trades"), dg.AssetKey(["silver_dlq_trades", "binance"])]
+    started = time.perf_counter()
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = job.execute_in_process(
+            instance=instance, asset_selection=selection, partition_key=now.strftime(HOUR_KEY_FORMAT)
+        )
+    pipeline_seconds = time.perf_counter() - started
+    checks = {
+        e.event_specific_data.check_name: e.event_specific_data
+        for e in result.all_events
+        if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION
+    }
+    conservation = checks["bronze_rows_equal_silver_plus_dlq"]
+    meta = {k: v.value for k, v in conservation.metadata.items()}
+    assert result.success and conservation.passed and meta["bronze_rows"] == records, meta
+
+    baseline_seconds, decoded = bench.plain_fastavro(batches)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(
+        f"Bronze -> Silver via Dagster: {records / pipeline_seconds:,.0f} records/s ({pipeline_seconds:.1f} s; "
+        f"{meta['silver_rows']:,} Silver + {meta['dlq_rows']:,} DLQ rows, conservation passed)"
+    )
+    print(
+        f"plain fastavro, one at a time, decode only: {records / baseline_seconds:,.0f} records/s "
+        f"({baseline_seconds:.1f} s, {decoded:,} decoded)"
+    )
+    print(
+        f"peak RSS of this process: {peak_mb:,.0f} MB (includes the {records:,} input rows held for the baseline)"
+    )
+
+
+if __name__ == "__main__":
+    main()
