@@ -78,6 +78,9 @@ class Book:
     messages: int = 0
 
 
+TRADE_ID_SPREAD = 10**12
+
+
 def seeded_rng(seed: int, purpose: str) -> random.Random:
     """An independent stream per purpose, so adding faults does not change the market's prices."""
     return random.Random(f"k2-simulator:{seed}:{purpose}")
@@ -101,7 +104,12 @@ class Market:
         self.rate = rate
         self.trades = 0
         self._rng = seeded_rng(seed, f"market:{exchange.name}")
-        self._books = [Book(i, i.price, i.first_trade_id) for i in INSTRUMENTS[exchange.name]]
+        # Exchange trade ids never repeat, so each run continues from a seed-drawn point: two runs with
+        # different seeds do not collide on (exchange, symbol, trade_id), and the same seed replays exactly.
+        self._books = [
+            Book(i, i.price, i.first_trade_id + self._rng.randrange(TRADE_ID_SPREAD))
+            for i in INSTRUMENTS[exchange.name]
+        ]
         self._cum_weights = list(itertools.accumulate(i.weight for i in INSTRUMENTS[exchange.name]))
 
     def messages(self) -> Iterator[NativeMessage]:
