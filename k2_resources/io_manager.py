@@ -167,17 +167,20 @@ def replace_rows(
 
 
 def _chunks(batches: Iterator[pa.RecordBatch], chunk_rows: int) -> Iterator[pa.Table]:
-    """Group a batch stream into tables of about chunk_rows rows (one data file each at most)."""
+    """Regroup a batch stream into tables of exactly chunk_rows rows (the last may be short): small
+    batches are gathered, large ones sliced, so one data file never needs more than a chunk in memory."""
     pending: list[pa.RecordBatch] = []
     size = 0
     for batch in batches:
-        if batch.num_rows == 0:
-            continue
-        pending.append(batch)
-        size += batch.num_rows
-        if size >= chunk_rows:
-            yield pa.Table.from_batches(pending)
-            pending, size = [], 0
+        offset = 0
+        while offset < batch.num_rows:
+            piece = batch.slice(offset, chunk_rows - size)
+            pending.append(piece)
+            size += piece.num_rows
+            offset += piece.num_rows
+            if size == chunk_rows:
+                yield pa.Table.from_batches(pending)
+                pending, size = [], 0
     if pending:
         yield pa.Table.from_batches(pending)
 
