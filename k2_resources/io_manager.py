@@ -25,8 +25,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 from pyiceberg.expressions import AlwaysTrue, And, BooleanExpression, EqualTo, GreaterThanOrEqual, LessThan
-from pyiceberg.io.pyarrow import _dataframe_to_data_files
-from pyiceberg.table import Table
+from pyiceberg.io.pyarrow import ArrowScan, _dataframe_to_data_files, schema_to_pyarrow
+from pyiceberg.table import DataScan, Table
 from pyiceberg.types import LongType, TimestampType, TimestamptzType
 
 from k2_resources.iceberg import IcebergCatalogResource, TableSpec
@@ -185,6 +185,22 @@ def _chunks(batches: Iterator[pa.RecordBatch], chunk_rows: int) -> Iterator[pa.T
         yield pa.Table.from_batches(pending)
 
 
+def stream_scan(scan: DataScan) -> Iterator[pa.RecordBatch]:
+    """The scan's rows, one data file at a time.
+
+    PyIceberg 0.12's `to_arrow_batch_reader` submits every planned file to a thread pool at once and
+    keeps each file's batches until the consumer reaches them, so a slow consumer ends up holding the
+    whole scan (measured: Silver +230 MB per extra 900K Bronze rows). Reading file by file bounds
+    memory by one data file, which K2's writers keep to a chunk.
+    """
+    projection = scan.projection()
+    reader = ArrowScan(scan.table_metadata, scan.io, projection, scan.row_filter, scan.case_sensitive)
+    target = schema_to_pyarrow(projection)
+    for task in scan.plan_files():
+        for batch in reader.to_record_batches([task]):
+            yield batch if batch.schema == target else batch.cast(target)
+
+
 @dataclass
 class IcebergStream:
     """Rows of one table within a scope, pinned to one snapshot, read batch by batch."""
@@ -205,8 +221,9 @@ class IcebergStream:
             snapshot_id=self.snapshot_id,
             selected_fields=self.columns,
         )
-        for batch in scan.to_arrow_batch_reader():
-            for piece in batch.to_batches(self.batch_rows) if isinstance(batch, pa.Table) else [batch]:
+        for batch in stream_scan(scan):
+            for offset in range(0, batch.num_rows, self.batch_rows):
+                piece = batch.slice(offset, self.batch_rows)
                 self.rows_read += piece.num_rows
                 yield piece
 

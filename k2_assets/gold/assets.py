@@ -26,7 +26,7 @@ from k2_assets.silver.assets import IO_MANAGER_KEY, silver_asset_key
 from k2_assets.silver.tables import silver_table_spec, v2_fields
 from k2_resources.exchanges import EXCHANGES
 from k2_resources.iceberg import IcebergCatalogResource
-from k2_resources.io_manager import RowScope, read_scope
+from k2_resources.io_manager import RowScope, read_scope, stream_scan
 
 GOLD_KEY = dg.AssetKey(GOLD_TABLE_SPEC.name)
 V2_COLUMNS = tuple(f.name for f in v2_fields())
@@ -79,7 +79,7 @@ class SilverTrades:
 
     def batches(self, columns: tuple[str, ...] = V2_COLUMNS + LINEAGE_COLUMNS) -> Iterator[pa.RecordBatch]:
         for scan in self._scans(columns):
-            yield from scan.to_arrow_batch_reader()
+            yield from stream_scan(scan)
 
 
 def audited_removals(iceberg: IcebergCatalogResource, start: datetime, end: datetime) -> set[str]:

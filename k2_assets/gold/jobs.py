@@ -25,7 +25,7 @@ from k2_assets.gold.tables import DEDUP_AUDIT_TABLE_SPEC, GOLD_TABLE_SPEC
 from k2_assets.partitions import HOUR_KEY_FORMAT
 from k2_resources.crashpoints import crash_point
 from k2_resources.iceberg import IcebergCatalogResource
-from k2_resources.io_manager import RowScope, conform, read_scope, replace_rows
+from k2_resources.io_manager import RowScope, conform, read_scope, replace_rows, stream_scan
 
 AUDIT_KEY = dg.AssetKey(DEDUP_AUDIT_TABLE_SPEC.name)
 KEY_COLUMNS = (
@@ -88,9 +88,7 @@ def detect(iceberg: IcebergCatalogResource, start: datetime, end: datetime) -> p
         )
         rows_hint = max(1, sum(t.file.record_count for t in scan.plan_files()))
         target = scan.projection().as_arrow().append(pa.field("kept_message_id", pa.string()))
-        pieces = [
-            conform(b, target) for b in find_duplicates(iter(scan.to_arrow_batch_reader()), plan, rows_hint)
-        ]
+        pieces = [conform(b, target) for b in find_duplicates(stream_scan(scan), plan, rows_hint)]
         losers = pa.concat_tables(pieces) if pieces else target.empty_table()
         found.append(losers.append_column("reason", pa.array([reason] * losers.num_rows, pa.string())))
     both = pa.concat_tables(found)
