@@ -1,0 +1,221 @@
+"""The Docker deployment, checked without Docker (none can run here).
+
+The compose file is parsed as Compose would (YAML with merge keys, `${VAR:-default}` / `${VAR:?error}`
+interpolation from docker/.env, for which .env.example stands in with generated secrets). The K2 code
+location is then imported in a process whose environment is exactly the one the container would have
+(the image's ENV plus the service's `environment:`), every resource is built, and the Iceberg catalog
+must be the REST catalog on MinIO from that environment, not the SQLite default: an unset or misspelt
+variable would silently send production data to a local file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from k2_assets.instance import POSTGRES_INSTANCE_FILE, REPO_ROOT
+from k2_resources.exchanges import EXCHANGES
+
+DOCKER_DIR = REPO_ROOT / "docker"
+COMPOSE_FILE = DOCKER_DIR / "docker-compose.yml"
+ENV_EXAMPLE = DOCKER_DIR / ".env.example"
+DOCKERFILE = DOCKER_DIR / "Dockerfile"
+CODE_SERVICE = "k2-code"
+DAGSTER_SERVICES = ("k2-code", "dagster-webserver", "dagster-daemon")
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|TOKEN|CREDENTIAL")
+INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
+ONLY_A_REFERENCE = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*(:?\?[^}]*)?\}$")
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines as Compose reads a .env file (comments and blank lines skipped)."""
+    values = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            values[key.strip()] = value.strip()
+    return values
+
+
+def interpolate(text: str, variables: dict[str, str]) -> str:
+    """Compose's interpolation: `${V}`, `${V:-d}`, `${V-d}`, `${V:?msg}`, `${V?msg}`, and `$$` -> `$`."""
+
+    def substitute(match: re.Match) -> str:
+        name, operator, argument = match.group(1), match.group(2), match.group(3) or ""
+        value = variables.get(name)
+        if operator in (":-", "-"):
+            unset = value is None or (operator == ":-" and value == "")
+            return argument if unset else value
+        if operator in (":?", "?") and (value is None or (operator == ":?" and value == "")):
+            raise ValueError(f"required variable {name} is missing: {argument}")
+        return value or ""
+
+    placeholder = "\0dollar\0"
+    return INTERPOLATION.sub(substitute, text.replace("$$", placeholder)).replace(placeholder, "$")
+
+
+def deployment_variables() -> dict[str, str]:
+    """.env.example as an operator fills it: every empty (secret) value replaced by a generated one."""
+    return {k: v or f"generated-{secrets.token_hex(16)}" for k, v in read_dotenv(ENV_EXAMPLE).items()}
+
+
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+def service_environment(service: str, variables: dict[str, str]) -> dict[str, str]:
+    environment = compose()["services"][service].get("environment") or {}
+    assert isinstance(environment, dict), f"{service}: use the mapping form of environment"
+    return {key: interpolate(str(value), variables) for key, value in environment.items()}
+
+
+def image_environment() -> dict[str, str]:
+    """The ENV of docker/Dockerfile (continuation lines joined), as every container starts with."""
+    text = DOCKERFILE.read_text().replace("\\\n", " ")
+    values: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.strip().startswith("ENV "):
+            for pair in line.strip()[4:].split():
+                key, _, value = pair.partition("=")
+                values[key] = value
+    return values
+
+
+def container_environment(service: str, variables: dict[str, str]) -> dict[str, str]:
+    return {**image_environment(), **service_environment(service, variables)}
+
+
+RESOLVE_RESOURCES = r"""
+import json, sys
+import dagster as dg
+from pyiceberg.catalog import _ENV_CONFIG
+from k2_assets.definitions import defs
+
+repository = defs.get_repository_def()
+resources = repository.get_top_level_resources()
+report = {"resources": sorted(resources)}
+with dg.build_resources(resources) as built:
+    iceberg = built.iceberg
+    report["kafka"] = built.kafka.bootstrap_servers
+    report["schema_registry"] = built.schema_registry.url
+    report["iceberg_resolved"] = iceberg.resolved_properties()
+    report["iceberg_effective"] = {**(_ENV_CONFIG.get_catalog_config(iceberg.catalog_name) or {}),
+                                   **iceberg.resolved_properties()}
+    report["io_manager"] = type(built.iceberg_io_manager).__name__
+report["sensors"] = {s.name: s.default_status.value for s in repository.sensor_defs}
+json.dump(report, sys.stdout)
+"""
+
+
+@pytest.fixture(scope="module")
+def variables() -> dict[str, str]:
+    return deployment_variables()
+
+
+@pytest.fixture(scope="module")
+def resolved(variables: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Every resource of the code location, built in a process with exactly the container's environment.
+
+    The working directory is empty: with no K2_HOME, K2's local state would go to ./.k2, so nothing of
+    this machine's dev stack can leak in.
+    """
+    env = container_environment(CODE_SERVICE, variables)
+    done = subprocess.run(
+        [sys.executable, "-c", RESOLVE_RESOURCES],
+        env=env,
+        cwd=tmp_path_factory.mktemp("container"),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return {"report": json.loads(done.stdout), "env": env}
+
+
+def test_code_location_builds_every_resource_from_the_compose_environment(
+    resolved: dict[str, Any], variables: dict[str, str]
+) -> None:
+    report = resolved["report"]
+    assert report["resources"] == ["iceberg", "iceberg_io_manager", "kafka", "schema_registry"]
+    assert report["kafka"] == "kafka:9092"
+    assert report["schema_registry"] == "http://schema-registry:8081"
+    assert report["io_manager"] == "IcebergIOManager"
+    # All sensors and schedules start running in production (K2_AUTOMATION=on by default).
+    assert set(report["sensors"].values()) == {"RUNNING"}, report["sensors"]
+
+
+def test_iceberg_catalog_is_the_rest_catalog_on_minio_not_the_sqlite_default(
+    resolved: dict[str, Any], variables: dict[str, str]
+) -> None:
+    effective = resolved["report"]["iceberg_effective"]
+    assert not any("sqlite" in str(v) for v in resolved["report"]["iceberg_resolved"].values())
+    assert effective.get("type") == "rest", effective
+    assert effective["uri"] == "http://iceberg-rest:8181"
+    assert effective["s3.endpoint"] == "http://minio:9000"
+    assert effective["s3.region"] == variables["K2_S3_REGION"]
+    assert effective["s3.access-key-id"] == variables["K2_S3_ACCESS_KEY_ID"]
+    assert effective["s3.secret-access-key"] == variables["K2_S3_SECRET_ACCESS_KEY"]
+    assert "warehouse" not in effective, "the REST catalog decides the warehouse, not the client"
+
+
+def test_every_exchange_topic_is_created_by_kafka_init() -> None:
+    script = "\n".join(compose()["services"]["kafka-init"]["command"])
+    listed = re.search(r"for topic in ([^;]+);", script)
+    assert listed is not None, script
+    assert sorted(listed.group(1).split()) == sorted(e.topic for e in EXCHANGES)
+
+
+def test_dagster_services_share_the_postgres_instance_settings(variables: dict[str, str]) -> None:
+    needed = set(re.findall(r"env: (K2_DAGSTER_PG_\w+)", POSTGRES_INSTANCE_FILE.read_text()))
+    assert needed, "the PostgreSQL instance file reads no settings"
+    for service in DAGSTER_SERVICES:
+        env = container_environment(service, variables)
+        assert needed <= set(env), f"{service} lacks {sorted(needed - set(env))}"
+        assert env["K2_DAGSTER_PG_HOST"] == "postgres"
+        assert env["K2_DAGSTER_PG_PASSWORD"] == variables["POSTGRES_PASSWORD"]
+    assert "cp deploy/dagster-postgres.yaml" in DOCKERFILE.read_text()
+    workspace = yaml.safe_load((DOCKER_DIR / "workspace.yaml").read_text())
+    assert workspace["load_from"] == [
+        {"grpc_server": {"host": CODE_SERVICE, "port": 4000, "location_name": "k2"}}
+    ]
+
+
+def test_every_variable_the_compose_file_reads_is_in_env_example() -> None:
+    used = {m.group(1) for m in INTERPOLATION.finditer(COMPOSE_FILE.read_text().replace("$$", ""))}
+    documented = set(read_dotenv(ENV_EXAMPLE))
+    assert used <= documented, f"not in .env.example: {sorted(used - documented)}"
+
+
+def test_no_secret_is_written_in_docker_files(variables: dict[str, str]) -> None:
+    # Secrets are empty in .env.example and required (no default) wherever compose passes them on.
+    for name, value in read_dotenv(ENV_EXAMPLE).items():
+        if SECRET_NAME.search(name):
+            assert value == "", f".env.example gives {name} a value"
+    for service, spec in compose()["services"].items():
+        for name, value in (spec.get("environment") or {}).items():
+            if SECRET_NAME.search(name):
+                assert ONLY_A_REFERENCE.match(str(value)), f"{service}.{name} is not a bare ${{VAR:?}}"
+    # No file under docker/ assigns a literal to a secret-looking name, nor holds a secret value.
+    generated = [v for k, v in variables.items() if SECRET_NAME.search(k)]
+    assignment = re.compile(r"([A-Z][A-Z0-9_]*)[ \t]*[=:][ \t]*([^\s#]+)")
+    for path in sorted(p for p in DOCKER_DIR.rglob("*") if p.is_file()):
+        text = path.read_text()
+        assert not any(secret in text for secret in generated), path
+        for name, value in assignment.findall(text):
+            literal = not value.startswith(("${", '"$$', "$$", "<", '"${'))
+            assert not (SECRET_NAME.search(name) and literal), f"{path.name}: {name}={value}"
+
+
+def test_a_missing_secret_stops_compose_instead_of_defaulting() -> None:
+    variables = {k: v for k, v in deployment_variables().items() if k != "POSTGRES_PASSWORD"}
+    with pytest.raises(ValueError, match="POSTGRES_PASSWORD"):
+        container_environment(CODE_SERVICE, variables)

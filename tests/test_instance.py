@@ -1,0 +1,399 @@
+"""The Dagster instance K2 runs on, tested by what it does, with real processes and a real PostgreSQL.
+
+- `prepare_dagster_home` puts the repo's instance file in $K2_HOME/dagster_home, and the SQLite storage
+  follows K2_HOME; the PostgreSQL variant keeps every setting but storage identical, and serves a real
+  webserver + daemon from a scratch database (created and dropped per test run).
+- The daemon enforces what dagster.yaml promises: one ingestion run per exchange at a time (others
+  queue), the `dagster/max_runtime` tag, and run retries for a crashed run worker.
+- `k2 dev` brings everything up with automation on (simulated trades reach Bronze through a
+  sensor-launched run) and stops everything it started on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+
+import dagster as dg
+import psutil
+import psycopg2
+import pytest
+import yaml
+
+from k2_assets.instance import (
+    POSTGRES_INSTANCE_FILE,
+    POSTGRES_SETTINGS,
+    REPO_ROOT,
+    SQLITE_INSTANCE_FILE,
+    prepare_dagster_home,
+)
+from k2_resources.settings import read_env_file
+from tests.conftest import k2, k2_env
+from tests.test_ci_launch import (
+    DagsterServices,
+    dagster_services,
+    free_port,
+    graphql,
+    group_processes,
+    instance_environment,
+    location_loaded,
+    retry_decision,
+    stop_group,
+    submit_run,
+    wait_for,
+    wait_for_run,
+)
+
+PG_HOST = os.environ.get("K2_TEST_PG_HOST", "127.0.0.1")
+PG_PORT = os.environ.get("K2_TEST_PG_PORT", "5432")
+PG_USER = os.environ.get("K2_TEST_PG_USER", "postgres")
+PG_ADMIN_DB = os.environ.get("K2_TEST_PG_ADMIN_DB", "test")
+ACTIVE = {"QUEUED", "NOT_STARTED", "STARTING", "STARTED", "CANCELING"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Instance files and prepare_dagster_home
+# --------------------------------------------------------------------------------------------------
+
+
+def settings_without_storage(path: Path) -> dict:
+    return {k: v for k, v in yaml.safe_load(path.read_text()).items() if k != "storage"}
+
+
+def test_postgres_variant_differs_from_the_default_only_in_storage() -> None:
+    sqlite, postgres = (
+        yaml.safe_load(SQLITE_INSTANCE_FILE.read_text()),
+        yaml.safe_load(POSTGRES_INSTANCE_FILE.read_text()),
+    )
+    assert sqlite["storage"] == {"sqlite": {"base_dir": {"env": "K2_HOME"}}}
+    postgres_db = postgres["storage"]["postgres"]["postgres_db"]
+    from_env = sorted(value["env"] for value in postgres_db.values() if isinstance(value, dict))
+    assert from_env == sorted(POSTGRES_SETTINGS)
+    assert postgres_db["scheme"] == "postgresql+psycopg2"
+    assert settings_without_storage(SQLITE_INSTANCE_FILE) == settings_without_storage(POSTGRES_INSTANCE_FILE)
+    # Limits live in `concurrency:` only; the coordinator carries none (mixing them is a config error).
+    assert "config" not in sqlite["run_coordinator"] and "run_queue" not in sqlite
+
+
+def test_prepare_dagster_home_puts_the_instance_in_k2_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("K2_HOME", "DAGSTER_HOME"):
+        monkeypatch.setenv(name, "unset-by-test")
+    homes = [tmp_path / "one", tmp_path / "two"]
+    for home in homes:
+        dagster_home = prepare_dagster_home(home)
+        assert dagster_home == home.resolve() / "dagster_home"
+        assert (dagster_home / "dagster.yaml").read_text() == SQLITE_INSTANCE_FILE.read_text()
+        assert os.environ["K2_HOME"] == str(home.resolve())
+        assert os.environ["DAGSTER_HOME"] == str(dagster_home)
+        with dg.DagsterInstance.get() as instance:
+            instance.add_run(dg.DagsterRun(job_name=f"probe_{home.name}", run_id=str(uuid.uuid4())))
+            assert_instance_settings(instance)
+        assert (home / "history" / "runs.db").is_file() and (home / "schedules" / "schedules.db").is_file()
+    # Two K2_HOMEs, one identical file: each home's runs stay in its own storage.
+    for home in homes:
+        monkeypatch.setenv("K2_HOME", str(home))
+        with dg.DagsterInstance.from_config(str(home / "dagster_home")) as instance:
+            assert [r.job_name for r in instance.get_runs()] == [f"probe_{home.name}"]
+
+
+def assert_instance_settings(instance: dg.DagsterInstance) -> None:
+    """What dagster.yaml promises, as the loaded instance (and so the daemon) sees it."""
+    queue = instance.get_concurrency_config().run_queue_config
+    assert queue is not None and queue.max_concurrent_runs == 4
+    assert queue.tag_concurrency_limits == [
+        {"key": "k2/ingestion", "value": {"applyLimitPerUniqueValue": True}, "limit": 1}
+    ]
+    assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
+    assert instance.run_monitoring_enabled
+    assert instance.run_retries_enabled and instance.run_retries_max_retries == 2
+    assert instance.run_retries_retry_on_asset_or_op_failure is False
+    assert instance.telemetry_enabled is False
+
+
+def test_postgres_home_needs_its_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in POSTGRES_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("K2_HOME", str(tmp_path))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    with pytest.raises(RuntimeError) as raised:
+        prepare_dagster_home(tmp_path, postgres=True)
+    assert all(name in str(raised.value) for name in POSTGRES_SETTINGS)
+    assert not (tmp_path / "dagster_home" / "dagster.yaml").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# PostgreSQL: a scratch database per test run
+# --------------------------------------------------------------------------------------------------
+
+
+def pg_connect(database: str) -> psycopg2.extensions.connection:
+    """An autocommit connection (CREATE/DROP DATABASE refuse to run in a transaction)."""
+    connection = psycopg2.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname=database)
+    connection.autocommit = True
+    return connection
+
+
+@pytest.fixture()
+def scratch_database() -> Iterator[str]:
+    """An empty database of this test's own, dropped afterwards whatever happened."""
+    name = f"k2_dagster_{uuid.uuid4().hex[:12]}"
+    with closing(pg_connect(PG_ADMIN_DB)) as admin, admin.cursor() as cursor:
+        cursor.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield name
+    finally:
+        with closing(pg_connect(PG_ADMIN_DB)) as admin, admin.cursor() as cursor:
+            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_postgres_instance_serves_webserver_and_daemon(
+    devstack_home: Path, scratch_database: str, tmp_path: Path
+) -> None:
+    home = tmp_path / "k2home"
+    settings = {
+        **read_env_file(devstack_home / "devstack.env"),
+        "K2_DAGSTER_PG_HOST": PG_HOST,
+        "K2_DAGSTER_PG_PORT": PG_PORT,
+        "K2_DAGSTER_PG_USER": PG_USER,
+        "K2_DAGSTER_PG_PASSWORD": "",
+        "K2_DAGSTER_PG_DB": scratch_database,
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in {**settings, "K2_HOME": "", "DAGSTER_HOME": ""}.items():
+            patch.setenv(key, value)
+        dagster_home = prepare_dagster_home(home, postgres=True)
+        assert (dagster_home / "dagster.yaml").read_text() == POSTGRES_INSTANCE_FILE.read_text()
+        with dg.DagsterInstance.get() as instance:
+            assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+            assert_instance_settings(instance)
+        env = k2_env(home, K2_AUTOMATION="off", **settings)
+        with dagster_services(env, tmp_path / "logs") as services:
+            run_id = submit_run(services.port, "gold_dedup_job", {})
+            assert wait_for_run(services.port, run_id) == "SUCCESS"
+    with closing(pg_connect(scratch_database)) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT status FROM runs WHERE run_id = %s", (run_id,))
+        assert cursor.fetchall() == [("SUCCESS",)]
+        cursor.execute("SELECT count(*) FROM event_logs WHERE run_id = %s", (run_id,))
+        assert cursor.fetchone()[0] > 5
+
+
+# --------------------------------------------------------------------------------------------------
+# What the daemon enforces (SQLite instance, automation off)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def services(devstack_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DagsterServices]:
+    logs = tmp_path_factory.mktemp("instance-logs")
+    with (
+        instance_environment(devstack_home, K2_AUTOMATION="off") as env,
+        dagster_services(env, logs) as running,
+    ):
+        yield running
+
+
+def ingestion_config(exchange: str, drain: bool, max_runtime_seconds: float = 3600.0) -> dict:
+    config = {"drain": drain, "max_runtime_seconds": max_runtime_seconds, "commit_interval_seconds": 2.0}
+    return {"ops": {f"ingest_{exchange}_trades": {"config": config}}}
+
+
+@dataclass
+class RunTimes:
+    status: str
+    start: float | None
+    end: float | None
+
+
+def run_times(instance: dg.DagsterInstance, run_id: str) -> RunTimes:
+    record = instance.get_run_record_by_id(run_id)
+    assert record is not None, run_id
+    return RunTimes(record.dagster_run.status.value, record.start_time, record.end_time)
+
+
+def watch_until_finished(
+    instance: dg.DagsterInstance, run_ids: dict[str, str], timeout: float
+) -> list[dict[str, str]]:
+    """Sample every run's status once a second until none is active; the samples, in order."""
+    samples: list[dict[str, str]] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sample = {name: run_times(instance, run_id).status for name, run_id in run_ids.items()}
+        samples.append(sample)
+        if not ACTIVE & set(sample.values()):
+            return samples
+        time.sleep(1.0)
+    raise AssertionError(f"runs still active after {timeout:.0f} s: {samples[-1]}")
+
+
+def test_one_ingestion_run_per_exchange_and_max_runtime(services: DagsterServices) -> None:
+    """Two binance runs queue behind each other; a kraken run starts beside them and is stopped by
+    run monitoring at its `dagster/max_runtime`, far before its own 300 s limit."""
+    port = services.port
+    run_ids = {
+        "binance_a": submit_run(port, "bronze_binance_ingestion", ingestion_config("binance", False, 12))
+    }
+    wait_for(lambda: run_status_is(run_ids["binance_a"], "STARTED"), 120, "the first binance run to start")
+    run_ids["binance_b"] = submit_run(port, "bronze_binance_ingestion", ingestion_config("binance", True))
+    run_ids["kraken"] = submit_run(
+        port,
+        "bronze_kraken_ingestion",
+        ingestion_config("kraken", False, 300),
+        tags={"dagster/max_runtime": "10", "dagster/max_retries": "0"},
+    )
+    with dg.DagsterInstance.get() as instance:
+        samples = watch_until_finished(instance, run_ids, 240)
+        times = {name: run_times(instance, run_id) for name, run_id in run_ids.items()}
+        kraken_run = instance.get_run_by_id(run_ids["kraken"])
+        kraken_logs = "\n".join(event_texts(instance, run_ids["kraken"]))
+
+    a, b, kraken = times["binance_a"], times["binance_b"], times["kraken"]
+    assert (a.status, b.status) == ("SUCCESS", "SUCCESS"), times
+    assert any(s["binance_a"] == "STARTED" and s["binance_b"] == "QUEUED" for s in samples), samples
+    assert b.start >= a.end, "the second binance run started before the first ended"
+    assert kraken.start < a.end, "the kraken run waited for binance: the limit is not per exchange"
+    assert kraken.status == "FAILURE", times
+    assert "Exceeded maximum runtime of 10 seconds" in kraken_logs, kraken_logs[-2000:]
+    assert kraken.end - kraken.start < 120, kraken
+    assert kraken_run.tags.get("dagster/will_retry") != "true"
+
+
+def event_texts(instance: dg.DagsterInstance, run_id: str) -> list[str]:
+    """The run's log lines, with the messages Dagster's own events carry (run failure, cancellation)."""
+    texts = []
+    for entry in instance.all_logs(run_id):
+        texts.append(entry.user_message)
+        if entry.dagster_event is not None and entry.dagster_event.message:
+            texts.append(entry.dagster_event.message)
+    return texts
+
+
+def run_status_is(run_id: str, status: str) -> bool:
+    with dg.DagsterInstance.get() as instance:
+        return run_times(instance, run_id).status == status
+
+
+def run_worker_pid(instance: dg.DagsterInstance, run_id: str) -> int | None:
+    """The pid of the run's worker process, as its RUN_START event recorded it (once the step runs)."""
+    logs = instance.all_logs(run_id)
+    started = any(e.dagster_event and e.dagster_event.event_type_value == "STEP_START" for e in logs)
+    for entry in logs:
+        event = entry.dagster_event
+        if started and event is not None and event.event_type_value == "PIPELINE_START":
+            return event.pid
+    return None
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and its descendants at once, as the OOM killer or a lost machine would."""
+    parent = psutil.Process(pid)
+    processes = [parent, *parent.children(recursive=True)]
+    for process in processes:
+        process.kill()
+    psutil.wait_procs(processes, timeout=10)
+
+
+def test_crashed_run_worker_is_retried(services: DagsterServices) -> None:
+    """A run whose worker is killed fails as a crash, not a step failure, so run_retries re-executes it."""
+    config = ingestion_config("binance", False, 10)
+    run_id = submit_run(services.port, "bronze_binance_ingestion", config)
+    with dg.DagsterInstance.get() as instance:
+        pid = wait_for(lambda: run_worker_pid(instance, run_id), 120, "the run's step to start")
+        kill_tree(pid)
+        assert wait_for_run(services.port, run_id, 120) == "FAILURE"
+        assert wait_for(lambda: retry_decision(instance, run_id), 60, "the retry decision") == "true"
+        retry = wait_for(lambda: retry_of(instance, run_id), 120, "the retry run to be launched")
+        assert retry.tags.get("k2/ingestion") == "binance"
+        assert wait_for_run(services.port, retry.run_id, 180) == "SUCCESS"
+
+
+def retry_of(instance: dg.DagsterInstance, run_id: str) -> dg.DagsterRun | None:
+    records = instance.get_run_records(filters=dg.RunsFilter(tags={"dagster/parent_run_id": run_id}))
+    return records[0].dagster_run if records else None
+
+
+# --------------------------------------------------------------------------------------------------
+# k2 dev
+# --------------------------------------------------------------------------------------------------
+
+SENSORS_QUERY = """
+{ sensorsOrError(repositorySelector: {repositoryLocationName: "k2", repositoryName: "__repository__"}) {
+    __typename ... on Sensors { results { name sensorState { status } } } } }
+"""
+
+
+def sensor_states(port: int) -> dict[str, str]:
+    results = graphql(port, SENSORS_QUERY)["sensorsOrError"]["results"]
+    return {s["name"]: s["sensorState"]["status"] for s in results}
+
+
+def bronze_rows(home: Path) -> int:
+    from k2_assets.bronze.tables import bronze_table_spec
+    from k2_resources.exchanges import exchange
+    from k2_resources.iceberg import IcebergCatalogResource
+
+    properties = {
+        "type": "sql",
+        "uri": f"sqlite:///{home}/catalog.db",
+        "warehouse": f"file://{home}/warehouse",
+    }
+    try:
+        table = IcebergCatalogResource(properties=properties).load_table(
+            bronze_table_spec(exchange("binance"))
+        )
+    except Exception:  # the table appears with the ingestion run's first commit
+        return 0
+    return table.scan().count()
+
+
+def test_k2_dev_streams_into_bronze_and_stops_everything(tmp_path: Path) -> None:
+    home, port = tmp_path / "k2home", free_port()
+    log = tmp_path / "k2dev.log"
+    env = k2_env(home)
+    with log.open("ab") as out:
+        dev = subprocess.Popen(
+            [sys.executable, "-m", "k2_resources.cli", "dev", "--port", str(port), "--rate", "50"],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_for(lambda: dev.poll() is None and location_loaded(port), 240, "k2 dev's webserver", 2.0)
+        states = sensor_states(port)
+        assert states["bronze_binance_ingestion_sensor"] == "RUNNING", states
+        assert states["k2_automation_sensor"] == "RUNNING", states
+        children = psutil.Process(dev.pid).children()
+        simulators = [p for p in children if "produce" in p.cmdline()]
+        dagster_dev = [p for p in children if p.cmdline()[1:4] == ["-m", "dagster", "dev"]]
+        assert len(simulators) == 2 and len(dagster_dev) == 1, [p.cmdline() for p in children]
+        assert len(group_processes(dagster_dev[0].pid)) >= 4  # dagster dev, webserver, daemon, code server
+        wait_for(lambda: bronze_rows(home), 240, "simulated trades in Bronze via the sensor's run", 5.0)
+
+        dev.send_signal(signal.SIGTERM)
+        assert dev.wait(timeout=120) == 0
+        assert not group_processes(dev.pid), group_processes(dev.pid)
+        assert not group_processes(dagster_dev[0].pid), group_processes(dagster_dev[0].pid)
+        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in simulators)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("K2_HOME", str(home))
+            with dg.DagsterInstance.from_config(str(home / "dagster_home")) as instance:
+                active = [r.status.value for r in instance.get_runs() if r.status.value in ACTIVE]
+        assert active == []
+    except BaseException:
+        print(log.read_text(errors="replace")[-6000:], file=sys.stderr)
+        raise
+    finally:
+        if dev.poll() is None:
+            stop_group(dev)
+        k2("devstack", "down", home=home, check=False)
