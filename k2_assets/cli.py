@@ -31,17 +31,13 @@ def ingestion_run_config(exchange: str, args: argparse.Namespace) -> dict:
     return {"ops": {f"ingest_{exchange}_trades": {"config": config}}}
 
 
-def cmd_ingest(args: argparse.Namespace) -> int:
-    """Run `bronze_<exchange>_ingestion` in this process; exit 1 when the run fails."""
+def execute(job_name: str, run_config: dict) -> int:
+    """Run a job of the code location in this process; print step errors; exit code 1 on failure."""
     from k2_assets.definitions import defs
-    from k2_resources.exchanges import exchange
 
-    name = exchange(args.exchange).name
-    job = defs.resolve_job_def(f"bronze_{name}_ingestion")
+    job = defs.resolve_job_def(job_name)
     with dagster_instance() as instance:
-        result = job.execute_in_process(
-            run_config=ingestion_run_config(name, args), instance=instance, raise_on_error=False
-        )
+        result = job.execute_in_process(run_config=run_config, instance=instance, raise_on_error=False)
     if not result.success:
         for event in result.all_events:
             if event.is_step_failure:
@@ -50,7 +46,35 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ingest(args: argparse.Namespace) -> int:
+    """Run `bronze_<exchange>_ingestion` in this process; exit 1 when the run fails."""
+    from k2_resources.exchanges import exchange
+
+    name = exchange(args.exchange).name
+    return execute(f"bronze_{name}_ingestion", ingestion_run_config(name, args))
+
+
+def cmd_job(args: argparse.Namespace) -> int:
+    """Run any job with run config from YAML files (merged in order), as `dagster job execute` would."""
+    import yaml
+    from dagster._utils.merger import deep_merge_dicts
+
+    config: dict = {}
+    for path in args.config or []:
+        with open(path) as handle:
+            config = deep_merge_dicts(config, yaml.safe_load(handle) or {})
+    return execute(args.job, config)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from k2_assets.pipeline import run_pipeline
+
+    return run_pipeline()
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
+    run = subparsers.add_parser("run", help="run the whole pipeline end to end and print counts and checks")
+    run.set_defaults(func=cmd_run)
     ingest = subparsers.add_parser("ingest", help="run one exchange's Bronze ingestion job in this process")
     ingest.add_argument("--exchange", required=True)
     ingest.add_argument("--drain", action="store_true", help="stop at the high watermarks read at start")
@@ -60,3 +84,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ingest.add_argument("--commit-interval-seconds", type=float)
     ingest.add_argument("--broker-timeout-seconds", type=float)
     ingest.set_defaults(func=cmd_ingest)
+
+    job = subparsers.add_parser("job", help="run any K2 job in this process with run config files")
+    job.add_argument("job", help="job name, e.g. gold_dedup_job")
+    job.add_argument("-c", "--config", action="append", help="run config YAML (repeatable, merged in order)")
+    job.set_defaults(func=cmd_job)
