@@ -172,7 +172,14 @@ def gold_partition(page, base: str, gold_hour: str) -> Path:
 
 
 def checks(page, base: str, asset: str, names: list[str]) -> Path:
+    """The asset's checks page: each named check listed with its latest result, Succeeded.
+
+    Only K2's own data checks are asserted: the freshness check's result depends on the wall clock
+    (whether the previous hour, which this test does not build, is past its deadline).
+    """
     page.goto(f"{base}/assets/{asset}?view=checks")
-    expect_text(page, names)
-    expect(page.get_by_text("Failed", exact=True)).to_have_count(0)
+    for name in names:
+        entry = page.locator("span").filter(has=page.locator(f'[title="{name}"]'))
+        expect(entry).to_have_count(1)
+        expect(entry).to_contain_text("Succeeded")
     return screenshot(page, f"{asset}-checks")

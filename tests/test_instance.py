@@ -86,7 +86,7 @@ def test_postgres_variant_differs_from_the_default_only_in_storage() -> None:
 def test_prepare_dagster_home_puts_the_instance_in_k2_home(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for name in ("K2_HOME", "DAGSTER_HOME"):
+    for name in ("K2_HOME", "DAGSTER_HOME"):  # prepare_dagster_home exports both: restore them after
         monkeypatch.setenv(name, "unset-by-test")
     homes = [tmp_path / "one", tmp_path / "two"]
     for home in homes:
@@ -185,6 +185,84 @@ def test_postgres_instance_serves_webserver_and_daemon(
         assert cursor.fetchall() == [("SUCCESS",)]
         cursor.execute("SELECT count(*) FROM event_logs WHERE run_id = %s", (run_id,))
         assert cursor.fetchone()[0] > 5
+
+
+# --------------------------------------------------------------------------------------------------
+# k2 dev
+# --------------------------------------------------------------------------------------------------
+
+SENSORS_QUERY = """
+{ sensorsOrError(repositorySelector: {repositoryLocationName: "k2", repositoryName: "__repository__"}) {
+    __typename ... on Sensors { results { name sensorState { status } } } } }
+"""
+
+
+def sensor_states(port: int) -> dict[str, str]:
+    results = graphql(port, SENSORS_QUERY)["sensorsOrError"]["results"]
+    return {s["name"]: s["sensorState"]["status"] for s in results}
+
+
+def bronze_rows(home: Path) -> int:
+    from k2_assets.bronze.tables import bronze_table_spec
+    from k2_resources.exchanges import exchange
+    from k2_resources.iceberg import IcebergCatalogResource
+
+    properties = {
+        "type": "sql",
+        "uri": f"sqlite:///{home}/catalog.db",
+        "warehouse": f"file://{home}/warehouse",
+    }
+    try:
+        table = IcebergCatalogResource(properties=properties).load_table(
+            bronze_table_spec(exchange("binance"))
+        )
+    except Exception:  # the table appears with the ingestion run's first commit
+        return 0
+    return table.scan().count()
+
+
+def test_k2_dev_streams_into_bronze_and_stops_everything(tmp_path: Path) -> None:
+    home, port = tmp_path / "k2home", free_port()
+    log = tmp_path / "k2dev.log"
+    env = k2_env(home)
+    with log.open("ab") as out:
+        dev = subprocess.Popen(
+            [sys.executable, "-m", "k2_resources.cli", "dev", "--port", str(port), "--rate", "50"],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_for(lambda: dev.poll() is None and location_loaded(port), 300, "k2 dev's webserver", 2.0)
+        states = sensor_states(port)
+        assert states["bronze_binance_ingestion_sensor"] == "RUNNING", states
+        assert states["k2_automation_sensor"] == "RUNNING", states
+        children = psutil.Process(dev.pid).children()
+        simulators = [p for p in children if "produce" in p.cmdline()]
+        dagster_dev = [p for p in children if p.cmdline()[1:4] == ["-m", "dagster", "dev"]]
+        assert len(simulators) == 2 and len(dagster_dev) == 1, [p.cmdline() for p in children]
+        assert len(group_processes(dagster_dev[0].pid)) >= 4  # dagster dev, webserver, daemon, code server
+        wait_for(lambda: bronze_rows(home), 300, "simulated trades in Bronze via the sensor's run", 5.0)
+
+        dev.send_signal(signal.SIGTERM)
+        assert dev.wait(timeout=180) == 0
+        assert not group_processes(dev.pid), group_processes(dev.pid)
+        assert not group_processes(dagster_dev[0].pid), group_processes(dagster_dev[0].pid)
+        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in simulators)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("K2_HOME", str(home))
+            with dg.DagsterInstance.from_config(str(home / "dagster_home")) as instance:
+                active = [r.status.value for r in instance.get_runs() if r.status.value in ACTIVE]
+        assert active == []
+    except BaseException:
+        print(log.read_text(errors="replace")[-6000:], file=sys.stderr)
+        raise
+    finally:
+        if dev.poll() is None:
+            stop_group(dev)
+        k2("devstack", "down", home=home, check=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -319,81 +397,3 @@ def test_crashed_run_worker_is_retried(services: DagsterServices) -> None:
 def retry_of(instance: dg.DagsterInstance, run_id: str) -> dg.DagsterRun | None:
     records = instance.get_run_records(filters=dg.RunsFilter(tags={"dagster/parent_run_id": run_id}))
     return records[0].dagster_run if records else None
-
-
-# --------------------------------------------------------------------------------------------------
-# k2 dev
-# --------------------------------------------------------------------------------------------------
-
-SENSORS_QUERY = """
-{ sensorsOrError(repositorySelector: {repositoryLocationName: "k2", repositoryName: "__repository__"}) {
-    __typename ... on Sensors { results { name sensorState { status } } } } }
-"""
-
-
-def sensor_states(port: int) -> dict[str, str]:
-    results = graphql(port, SENSORS_QUERY)["sensorsOrError"]["results"]
-    return {s["name"]: s["sensorState"]["status"] for s in results}
-
-
-def bronze_rows(home: Path) -> int:
-    from k2_assets.bronze.tables import bronze_table_spec
-    from k2_resources.exchanges import exchange
-    from k2_resources.iceberg import IcebergCatalogResource
-
-    properties = {
-        "type": "sql",
-        "uri": f"sqlite:///{home}/catalog.db",
-        "warehouse": f"file://{home}/warehouse",
-    }
-    try:
-        table = IcebergCatalogResource(properties=properties).load_table(
-            bronze_table_spec(exchange("binance"))
-        )
-    except Exception:  # the table appears with the ingestion run's first commit
-        return 0
-    return table.scan().count()
-
-
-def test_k2_dev_streams_into_bronze_and_stops_everything(tmp_path: Path) -> None:
-    home, port = tmp_path / "k2home", free_port()
-    log = tmp_path / "k2dev.log"
-    env = k2_env(home)
-    with log.open("ab") as out:
-        dev = subprocess.Popen(
-            [sys.executable, "-m", "k2_resources.cli", "dev", "--port", str(port), "--rate", "50"],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        wait_for(lambda: dev.poll() is None and location_loaded(port), 240, "k2 dev's webserver", 2.0)
-        states = sensor_states(port)
-        assert states["bronze_binance_ingestion_sensor"] == "RUNNING", states
-        assert states["k2_automation_sensor"] == "RUNNING", states
-        children = psutil.Process(dev.pid).children()
-        simulators = [p for p in children if "produce" in p.cmdline()]
-        dagster_dev = [p for p in children if p.cmdline()[1:4] == ["-m", "dagster", "dev"]]
-        assert len(simulators) == 2 and len(dagster_dev) == 1, [p.cmdline() for p in children]
-        assert len(group_processes(dagster_dev[0].pid)) >= 4  # dagster dev, webserver, daemon, code server
-        wait_for(lambda: bronze_rows(home), 240, "simulated trades in Bronze via the sensor's run", 5.0)
-
-        dev.send_signal(signal.SIGTERM)
-        assert dev.wait(timeout=120) == 0
-        assert not group_processes(dev.pid), group_processes(dev.pid)
-        assert not group_processes(dagster_dev[0].pid), group_processes(dagster_dev[0].pid)
-        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in simulators)
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setenv("K2_HOME", str(home))
-            with dg.DagsterInstance.from_config(str(home / "dagster_home")) as instance:
-                active = [r.status.value for r in instance.get_runs() if r.status.value in ACTIVE]
-        assert active == []
-    except BaseException:
-        print(log.read_text(errors="replace")[-6000:], file=sys.stderr)
-        raise
-    finally:
-        if dev.poll() is None:
-            stop_group(dev)
-        k2("devstack", "down", home=home, check=False)
