@@ -8,16 +8,14 @@ from k2_resources.settings import load_devstack_env
 
 load_devstack_env()
 
-from k2_assets.bronze.checks import bronze_freshness_checks  # noqa: E402
-from k2_assets.bronze.definitions import defs as bronze_defs  # noqa: E402
-from k2_assets.gold.definitions import defs as gold_defs  # noqa: E402
-from k2_assets.gold.definitions import freshness_checks as gold_freshness  # noqa: E402
+# Layer modules, not their `defs`: Dagster refuses a module with several Definitions at its top level.
+from k2_assets.bronze import definitions as bronze  # noqa: E402
+from k2_assets.gold import definitions as gold  # noqa: E402
 from k2_assets.resources import automation_status, build_resources  # noqa: E402
-from k2_assets.silver.definitions import defs as silver_defs  # noqa: E402
-from k2_assets.silver.definitions import freshness_checks as silver_freshness  # noqa: E402
+from k2_assets.silver import definitions as silver  # noqa: E402
 
 freshness_sensor = dg.build_sensor_for_freshness_checks(
-    freshness_checks=[*bronze_freshness_checks, *silver_freshness, *gold_freshness],
+    freshness_checks=[*bronze.freshness_checks, *silver.freshness_checks, *gold.freshness_checks],
     name="freshness_checks_sensor",
     minimum_interval_seconds=60,
     default_status=automation_status(),
@@ -32,8 +30,8 @@ automation_sensor = dg.AutomationConditionSensorDefinition(
 )
 
 defs = dg.Definitions.merge(
-    bronze_defs,
-    silver_defs,
-    gold_defs,
+    bronze.defs,
+    silver.defs,
+    gold.defs,
     dg.Definitions(sensors=[freshness_sensor, automation_sensor], resources=build_resources()),
 )

@@ -98,7 +98,9 @@ def build_ingestion_job(exchange: ExchangeConfig) -> dg.JobDefinition:
     @dg.job(
         name=f"bronze_{exchange.name}_ingestion",
         description=f"Long-running ingestion of {exchange.topic} into {table_spec.identifier}, exactly once.",
-        tags={INGESTION_TAG: exchange.name},
+        # Longer than a run's default max_runtime_seconds (3600): run monitoring ends a run that hangs,
+        # and the sensor then starts the next one.
+        tags={INGESTION_TAG: exchange.name, "dagster/max_runtime": "5400"},
     )
     def ingestion_job() -> None:
         ingest()
