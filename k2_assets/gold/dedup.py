@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,46 +88,53 @@ class BucketSpill:
         return [self.path(b) for b in sorted(self.writers)]
 
 
-def deduplicate(
-    batches: Iterator[pa.RecordBatch], plan: DedupPlan, rows_hint: int, batch_rows: int = 100_000
+def _per_bucket(
+    batches: Iterator[pa.RecordBatch],
+    plan: DedupPlan,
+    rows_hint: int,
+    query: Callable[[Path], str],
+    batch_rows: int,
 ) -> Iterator[pa.RecordBatch]:
-    """The first row of every key, in bounded memory; `rows_hint` (an upper bound) sizes the buckets."""
+    """Spill `batches` to hash buckets of the key, then yield `query(bucket file)` over each bucket."""
     with tempfile.TemporaryDirectory(prefix="k2-dedup-") as tmp:
         scratch = Path(tmp)
         con = connect(scratch)
         spill = BucketSpill(scratch, plan.key, max(1, math.ceil(rows_hint / plan.bucket_rows)), con)
         for batch in batches:
             spill.add(batch)
-        files = spill.close()
-        order_by = f"ORDER BY {_quoted(plan.output_order)}" if plan.output_order else ""
-        for path in files:
-            query = (
-                f"SELECT * FROM read_parquet('{path}') "
-                f"QUALIFY row_number() OVER (PARTITION BY {_quoted(plan.key)} ORDER BY {_quoted(plan.order)}) = 1 "
-                f"{order_by}"
-            )
-            yield from con.execute(query).to_arrow_reader(batch_rows)
+        for path in spill.close():
+            yield from con.execute(query(path)).to_arrow_reader(batch_rows)
             path.unlink()
         con.close()
+
+
+def deduplicate(
+    batches: Iterator[pa.RecordBatch], plan: DedupPlan, rows_hint: int, batch_rows: int = 100_000
+) -> Iterator[pa.RecordBatch]:
+    """The first row of every key, in bounded memory; `rows_hint` (an upper bound) sizes the buckets."""
+    order_by = f"ORDER BY {_quoted(plan.output_order)}" if plan.output_order else ""
+    first = f"row_number() OVER (PARTITION BY {_quoted(plan.key)} ORDER BY {_quoted(plan.order)}) = 1"
+    return _per_bucket(
+        batches,
+        plan,
+        rows_hint,
+        lambda path: f"SELECT * FROM read_parquet('{path}') QUALIFY {first} {order_by}",
+        batch_rows,
+    )
 
 
 def find_duplicates(
     batches: Iterator[pa.RecordBatch], plan: DedupPlan, rows_hint: int, batch_rows: int = 100_000
 ) -> Iterator[pa.RecordBatch]:
     """Every row a dedup by `plan` would remove, with `kept_message_id`: the message_id of the survivor."""
-    with tempfile.TemporaryDirectory(prefix="k2-dups-") as tmp:
-        scratch = Path(tmp)
-        con = connect(scratch)
-        spill = BucketSpill(scratch, plan.key, max(1, math.ceil(rows_hint / plan.bucket_rows)), con)
-        for batch in batches:
-            spill.add(batch)
-        for path in spill.close():
-            window = f"PARTITION BY {_quoted(plan.key)} ORDER BY {_quoted(plan.order)}"
-            query = (
-                "SELECT * EXCLUDE (rn) FROM ("
-                "  SELECT *, row_number() OVER w AS rn, first_value(message_id) OVER w AS kept_message_id"
-                f"  FROM read_parquet('{path}') WINDOW w AS ({window})"
-                ") WHERE rn > 1"
-            )
-            yield from con.execute(query).to_arrow_reader(batch_rows)
-        con.close()
+    window = f"PARTITION BY {_quoted(plan.key)} ORDER BY {_quoted(plan.order)}"
+
+    def losers(path: Path) -> str:
+        return (
+            "SELECT * EXCLUDE (rn) FROM ("
+            "  SELECT *, row_number() OVER w AS rn, first_value(message_id) OVER w AS kept_message_id"
+            f"  FROM read_parquet('{path}') WINDOW w AS ({window})"
+            ") WHERE rn > 1"
+        )
+
+    return _per_bucket(batches, plan, rows_hint, losers, batch_rows)
