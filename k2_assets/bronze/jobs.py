@@ -2,21 +2,33 @@
 
 # No `from __future__ import annotations` here: Dagster reads op parameter annotations at definition time.
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import dagster as dg
 from pydantic import Field
 from pyiceberg.expressions import LessThan
+from pyiceberg.table import Table
 
 from k2_assets.bronze.assets import bronze_asset_key
 from k2_assets.bronze.ingestion import CommitReport, IngestionSettings, TopicIngestion
 from k2_assets.bronze.tables import bronze_table_spec
 from k2_resources.exchanges import EXCHANGES, ExchangeConfig
 from k2_resources.iceberg import IcebergCatalogResource
-from k2_resources.iceberg_maintenance import reclaim_storage, retry_on_conflict
+from k2_resources.iceberg_maintenance import (
+    DEFAULT_ORPHAN_MIN_AGE_MINUTES,
+    DEFAULT_SNAPSHOT_MAX_AGE_HOURS,
+    MIN_ORPHAN_AGE_MINUTES,
+    MaintenancePolicy,
+    reclaim_storage,
+    retry_on_conflict,
+)
 from k2_resources.kafka import KafkaResource
 
 INGESTION_TAG = "k2/ingestion"
+# Runs that maintain tables carry this tag; dagster.yaml limits how many run at once.
+MAINTENANCE_TAG = "k2/maintenance"
+# A retention run that has not finished in this long is hung; the next day's run starts afresh.
+RETENTION_MAX_RUNTIME_SECONDS = 3 * 3600
 
 
 class BronzeIngestionConfig(dg.Config):
@@ -109,10 +121,49 @@ def build_ingestion_job(exchange: ExchangeConfig) -> dg.JobDefinition:
 
 
 class BronzeRetentionConfig(dg.Config):
-    """Retention defaults to the exchange's; orphan files younger than the grace are never touched."""
+    """Row retention defaults to the exchange's; snapshots expire after hours; the orphan grace has a floor."""
 
-    retention_days: int | None = None
-    orphan_min_age_minutes: float = 60.0
+    retention_days: int | None = Field(None, description="Default: the exchange's Bronze retention (days).")
+    snapshot_max_age_hours: float = Field(
+        DEFAULT_SNAPSHOT_MAX_AGE_HOURS,
+        description="Expire snapshots older than this; the offsets tag's snapshot never expires.",
+    )
+    orphan_min_age_minutes: float = Field(
+        DEFAULT_ORPHAN_MIN_AGE_MINUTES,
+        description=f"Unreferenced files younger than this are kept (at least {MIN_ORPHAN_AGE_MINUTES:g}).",
+    )
+
+    def policy(self, exchange: ExchangeConfig) -> MaintenancePolicy:
+        """The validated policy: refuses settings that would lose rows or delete files in flight."""
+        days = self.retention_days if self.retention_days is not None else exchange.retention_days
+        return MaintenancePolicy(days, self.snapshot_max_age_hours, self.orphan_min_age_minutes)
+
+
+def apply_bronze_retention(table: Table, policy: MaintenancePolicy, now: datetime) -> dict[str, int | float]:
+    """Delete rows older than the retention, expire old snapshots, delete files nothing references."""
+    rows_before = table.scan().count()
+    cutoff = policy.rows_expire_before(now)
+    assert cutoff is not None, "Bronze always has a row retention"
+
+    def delete_old(t: Table) -> Table:
+        t.delete(
+            LessThan("ingestion_date", cutoff.date().isoformat()),
+            snapshot_properties={"k2.retention": "rows"},
+        )
+        return t.refresh()
+
+    table = retry_on_conflict(table, delete_old)
+    rows_after = table.scan().count()
+    reclaimed = reclaim_storage(table, policy.snapshots_expire_before(now), policy.orphan_min_age)
+    return {
+        "retention_days": policy.retention_days or 0,
+        "snapshot_max_age_hours": policy.snapshot_max_age_hours,
+        "deleted_rows": rows_before - rows_after,
+        "rows": rows_after,
+        "expired_snapshots": reclaimed.expired_snapshots,
+        "deleted_files": reclaimed.deleted_files,
+        "deleted_bytes": reclaimed.deleted_bytes,
+    }
 
 
 def build_retention_job(exchange: ExchangeConfig) -> dg.JobDefinition:
@@ -123,41 +174,19 @@ def build_retention_job(exchange: ExchangeConfig) -> dg.JobDefinition:
     def apply_retention(
         context: dg.OpExecutionContext, config: BronzeRetentionConfig, iceberg: IcebergCatalogResource
     ) -> None:
-        days = config.retention_days if config.retention_days is not None else exchange.retention_days
-        if days < 0:
-            raise ValueError(f"retention_days must be >= 0, not {days}")
-        now = datetime.now(UTC)
-        cutoff = now - timedelta(days=days)
+        policy = config.policy(exchange)
         table = iceberg.ensure_table(table_spec)
-        rows_before = table.scan().count()
-
-        def delete_old(t):
-            t.delete(
-                LessThan("ingestion_date", cutoff.date().isoformat()),
-                snapshot_properties={"k2.retention": "rows"},
-            )
-            return t.refresh()
-
-        table = retry_on_conflict(table, delete_old)
-        rows_after = table.scan().count()
-        reclaimed = reclaim_storage(table, cutoff, timedelta(minutes=config.orphan_min_age_minutes))
+        metadata = apply_bronze_retention(table, policy, datetime.now(UTC))
         context.log_event(
             dg.AssetMaterialization(
-                asset_key=bronze_asset_key(exchange),
-                metadata={
-                    "retention_days": days,
-                    "deleted_rows": rows_before - rows_after,
-                    "rows": rows_after,
-                    "expired_snapshots": reclaimed.expired_snapshots,
-                    "deleted_files": reclaimed.deleted_files,
-                    "deleted_bytes": reclaimed.deleted_bytes,
-                },
-                description="retention",
+                asset_key=bronze_asset_key(exchange), metadata=metadata, description="retention"
             )
         )
 
     @dg.job(
-        name=f"bronze_{exchange.name}_retention", description=f"Daily retention of {table_spec.identifier}."
+        name=f"bronze_{exchange.name}_retention",
+        description=f"Daily retention of {table_spec.identifier}.",
+        tags={MAINTENANCE_TAG: "bronze", "dagster/max_runtime": str(RETENTION_MAX_RUNTIME_SECONDS)},
     )
     def retention_job() -> None:
         apply_retention()

@@ -1,0 +1,132 @@
+"""Bronze tables written the way ingestion writes them (BronzeCommitter), without Kafka.
+
+Maintenance only cares about commits, files and offsets, so these helpers commit synthetic records
+through the real committer into a real SQL catalog: every commit carries its offsets and moves the
+offsets tag exactly as a live ingestion run does. `python -m tests.maintenance_helpers <catalog-uri>
+<warehouse> <seconds>` keeps committing from a second process until the time is up.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from k2_assets.bronze.ingestion import BronzeCommitter, read_stored_offsets
+from k2_assets.bronze.tables import bronze_table_spec
+from k2_resources.exchanges import exchange
+from k2_resources.iceberg import IcebergCatalogResource
+
+BINANCE = exchange("binance")
+BRONZE_SPEC = bronze_table_spec(BINANCE)
+
+
+def sqlite_catalog(home: Path) -> IcebergCatalogResource:
+    """A fresh catalog resource (own connection) on the SQLite catalog under `home`."""
+    (home / "warehouse").mkdir(parents=True, exist_ok=True)
+    return IcebergCatalogResource(
+        properties={
+            "type": "sql",
+            "uri": f"sqlite:///{home}/catalog.db",
+            "warehouse": f"file://{home}/warehouse",
+        }
+    )
+
+
+def bronze_rows(first_offset: int, count: int, when: datetime, partition: int = 0) -> pa.Table:
+    """`count` Bronze records of one Kafka partition with consecutive offsets, ingested at `when`."""
+    offsets = list(range(first_offset, first_offset + count))
+    columns = {
+        "raw_bytes": pa.array([b"\x00\x00\x00\x00\x01" + o.to_bytes(8, "big") * 8 for o in offsets]),
+        "message_key": pa.array([f"SYM{o % 13}".encode() for o in offsets]),
+        "topic": pa.array([BINANCE.topic] * count),
+        "partition": pa.array([partition] * count, pa.int32()),
+        "offset": pa.array(offsets, pa.int64()),
+        "kafka_timestamp": pa.array([when] * count, pa.timestamp("us", tz="UTC")),
+        "ingestion_timestamp": pa.array([when] * count, pa.timestamp("us", tz="UTC")),
+        "ingestion_date": pa.array([when.date()] * count, pa.date32()),
+    }
+    schema = BRONZE_SPEC.arrow_schema
+    return pa.table([columns[f.name] for f in schema], schema=schema)
+
+
+class OffsetCommitter:
+    """Commits synthetic batches to partition 0 through one BronzeCommitter, continuing from the stored offsets."""
+
+    def __init__(self, catalog: IcebergCatalogResource, run_id: str | None = None):
+        table = catalog.ensure_table(BRONZE_SPEC)
+        self.committer = BronzeCommitter(table, read_stored_offsets(table), run_id or f"helper-{os.getpid()}")
+
+    @property
+    def next_offset(self) -> int:
+        return self.committer.expected.get(0, 0)
+
+    def commit(self, rows: int, when: datetime | None = None) -> int:
+        start = self.next_offset
+        return self.committer.commit(bronze_rows(start, rows, when or datetime.now(UTC)), {0: start + rows})
+
+
+def commit_batches(
+    catalog: IcebergCatalogResource, batches: int, rows: int, when: datetime | None = None
+) -> int:
+    """Commit `batches` micro-batches of `rows` records; returns the next offset."""
+    committer = OffsetCommitter(catalog)
+    for _ in range(batches):
+        committer.commit(rows, when)
+    return committer.next_offset
+
+
+class CommitterThread(threading.Thread):
+    """Keeps committing small batches through its own catalog connection until stopped."""
+
+    def __init__(self, home: Path, rows: int = 10, pause_seconds: float = 0.05):
+        super().__init__(daemon=True)
+        self.home, self.rows, self.pause = home, rows, pause_seconds
+        self.stop_event = threading.Event()
+        self.commits = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            committer = OffsetCommitter(sqlite_catalog(self.home), run_id="committer-thread")
+            while not self.stop_event.is_set():
+                committer.commit(self.rows)
+                self.commits += 1
+                time.sleep(self.pause)
+        except BaseException as err:  # reported by the test, which asserts none happened
+            self.error = err
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(60)
+
+
+def assert_bronze_complete(catalog: IcebergCatalogResource) -> int:
+    """Bronze scans completely and holds exactly offsets 0..stored-1 of partition 0, once each."""
+    table = catalog.load_table(BRONZE_SPEC)
+    rows = table.scan(selected_fields=("partition", "offset")).to_arrow()
+    stored = read_stored_offsets(table)
+    assert rows.num_rows == sum(stored.values())
+    offsets = rows.filter(pc.equal(rows["partition"], 0))["offset"]
+    assert pc.count_distinct(offsets).as_py() == rows.num_rows == stored.get(0, 0)
+    return rows.num_rows
+
+
+def main(home: str, seconds: str, rows: str = "10") -> None:
+    """Commit as a second process for `seconds`, then print how many commits it made."""
+    committer = OffsetCommitter(sqlite_catalog(Path(home)), run_id=f"process-{os.getpid()}")
+    deadline, commits = time.monotonic() + float(seconds), 0
+    while time.monotonic() < deadline:
+        committer.commit(int(rows))
+        commits += 1
+    print(commits)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
