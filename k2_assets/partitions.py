@@ -1,37 +1,76 @@
-"""Hourly UTC partitions shared by Silver (ingestion hour) and Gold (event hour).
+"""Hourly UTC partitions shared by Silver (ingestion hour) and Gold (event hour), and their automation.
 
 `end_offset=1` makes the running hour a partition, so it can be refreshed during the hour and
-completed after it closes.
+completed after it closes. The partitions start at K2_PARTITIONS_START (default: a recent date), so a
+fresh install does not show years of hours that can never hold data.
 """
 
 from __future__ import annotations
 
-from datetime import timedelta
+import os
+from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
-PARTITIONS_START = "2025-01-01-00:00"
-
-hourly_partitions = dg.HourlyPartitionsDefinition(start_date=PARTITIONS_START, end_offset=1, timezone="UTC")
-
 HOUR_KEY_FORMAT = "%Y-%m-%d-%H:00"
+PARTITIONS_START_SETTING = "K2_PARTITIONS_START"
+# Recent on purpose: hours before the first ingestion would only ever show as missing in the UI.
+DEFAULT_PARTITIONS_START = "2026-11-01-00:00"
+
+
+def partitions_start() -> str:
+    """The first hourly partition, `YYYY-MM-DD` or `YYYY-MM-DD-HH:00` (UTC), from K2_PARTITIONS_START."""
+    raw = os.environ.get(PARTITIONS_START_SETTING, DEFAULT_PARTITIONS_START).strip()
+    for pattern in (HOUR_KEY_FORMAT, "%Y-%m-%d"):
+        try:
+            return datetime.strptime(raw, pattern).replace(tzinfo=UTC).strftime(HOUR_KEY_FORMAT)
+        except ValueError:
+            continue
+    raise ValueError(
+        f"{PARTITIONS_START_SETTING} must be a UTC date YYYY-MM-DD or hour YYYY-MM-DD-HH:00, not {raw!r}"
+    )
+
+
+hourly_partitions = dg.HourlyPartitionsDefinition(start_date=partitions_start(), end_offset=1, timezone="UTC")
+
+
+def hour_start(key: str) -> datetime:
+    return datetime.strptime(key, HOUR_KEY_FORMAT).replace(tzinfo=UTC)
 
 
 def hourly_automation(complete_at_minute: int) -> dg.AutomationCondition:
-    """Refresh the running hour on every 5-minute tick; complete the hour just closed once, at
-    `complete_at_minute` past the hour (Gold later than Silver, so it sees Silver's last refresh).
-    Nothing is requested while the asset or any of its dependencies is being materialised."""
+    """Refresh the running hour on every 5-minute tick; complete each hour once after it closes.
+
+    The completion is latched: the hour that closed is remembered from the `complete_at_minute` tick
+    until it has actually been requested, so a run of the asset or of a dependency still queued or in
+    progress at the tick delays the completion instead of dropping it (a one-shot tick gated by
+    "nothing in progress" lost the hour for good). The latch is reset only by a request, not by an
+    update, so the running hour's last refresh finishing after the tick does not count as completion.
+    Nothing is requested while the asset or any of its dependencies is being materialised. Changes to
+    an hour after its completion (late trades, replays, re-runs) are the Gold late-data sensor's job.
+    """
     refresh = (
         dg.AutomationCondition.cron_tick_passed("*/5 * * * *")
         & dg.AutomationCondition.in_latest_time_window()
+    ).with_label("5-minute tick, running hour")
+    just_closed = (
+        dg.AutomationCondition.in_latest_time_window(lookback_delta=timedelta(hours=2))
+        & ~dg.AutomationCondition.in_latest_time_window()
     )
-    closed_hour = dg.AutomationCondition.in_latest_time_window(lookback_delta=timedelta(hours=2)) & ~(
-        dg.AutomationCondition.in_latest_time_window()
+    tick = dg.AutomationCondition.cron_tick_passed(f"{complete_at_minute} * * * *")
+    # A request on the evaluation just before the tick (the last refresh) must not cancel the latch.
+    requested_since_tick = dg.AutomationCondition.newly_requested() & ~tick
+    completion_due = (
+        (tick & just_closed)
+        .since(requested_since_tick)
+        .with_label(f"closed at the :{complete_at_minute:02d} tick, not yet requested")
     )
-    complete = dg.AutomationCondition.cron_tick_passed(f"{complete_at_minute} * * * *") & closed_hour
-    quiet = ~dg.AutomationCondition.in_progress() & ~dg.AutomationCondition.any_deps_in_progress()
-    return ((refresh | complete) & quiet).with_label(
-        f"refresh the running hour every 5 min; complete the closed hour at :{complete_at_minute:02d}"
+    quiet = (
+        ~dg.AutomationCondition.in_progress() & ~dg.AutomationCondition.any_deps_in_progress()
+    ).with_label("nothing of it or its dependencies in progress")
+    return ((refresh | completion_due) & quiet).with_label(
+        f"refresh the running hour every 5 min; complete each closed hour from :{complete_at_minute:02d} "
+        "once nothing it depends on is in progress"
     )
 
 

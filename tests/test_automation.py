@@ -1,17 +1,25 @@
 """Automation without anyone clicking: the running hour refreshes every 5 minutes, and each hour is
-completed once after it closes (Silver at :05, Gold at :10). Evaluated by Dagster's own evaluator
-against a real instance, tick by tick, at chosen times."""
+completed once after it closes (Silver from :05, Gold from :10), also when runs are in progress at the
+tick. Evaluated by Dagster's own evaluator against a real instance, tick by tick, at chosen times."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
 import dagster as dg
+import pytest
 
 from k2_assets.definitions import defs
 
 SILVER = dg.AssetKey("silver_binance_trades")
 GOLD = dg.AssetKey("gold_crypto_trades")
+
+
+@pytest.fixture(autouse=True)
+def settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Creating a run resolves resource config; nothing here connects to these addresses."""
+    monkeypatch.setenv("K2_KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9")
+    monkeypatch.setenv("K2_SCHEMA_REGISTRY_URL", "http://127.0.0.1:9")
 
 
 def tick(instance: dg.DagsterInstance, at: datetime, cursor=None):
@@ -44,3 +52,86 @@ def test_running_hour_refreshes_and_closed_hour_completes() -> None:
         result = tick(instance, datetime(2026, 11, 23, 11, 11, tzinfo=UTC), result.cursor)
         assert requested(result, GOLD) == {"2026-11-23-10:00", "2026-11-23-11:00"}
         assert requested(result, SILVER) == {"2026-11-23-11:00"}  # the closed hour is not redone
+
+
+def start_run(instance: dg.DagsterInstance, keys: set[dg.AssetKey], partition: str) -> dg.DagsterRun:
+    """A run planning `keys` for `partition`, left STARTED: what the status cache sees while one works."""
+    job = defs.resolve_implicit_global_asset_job_def()
+    return instance.create_run_for_job(
+        job_def=job,
+        asset_selection=frozenset(keys),
+        tags={"dagster/partition": partition},
+        status=dg.DagsterRunStatus.STARTED,
+    )
+
+
+def finish(instance: dg.DagsterInstance, run: dg.DagsterRun) -> None:
+    """The run ends (it succeeded): nothing of it is in progress any more."""
+    event = dg.DagsterEvent(event_type_value=dg.DagsterEventType.RUN_SUCCESS.value, job_name=run.job_name)
+    instance.report_dagster_event(event, run_id=run.run_id)
+    assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.SUCCESS
+
+
+SILVER_BINANCE = {SILVER, dg.AssetKey(["silver_dlq_trades", "binance"])}
+
+
+def at(hour: int, minute: int, second: int = 0) -> datetime:
+    return datetime(2026, 11, 23, hour, minute, second, tzinfo=UTC)
+
+
+def test_gold_completion_waits_for_an_unfinished_silver_run_and_is_not_lost() -> None:
+    """The review's scenario: Silver 10:00 still running at the 11:10 tick used to lose Gold 10:00."""
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = tick(instance, at(11, 2))
+        result = tick(instance, at(11, 6), result.cursor)
+        assert "2026-11-23-10:00" in requested(result, SILVER)
+        run = start_run(instance, SILVER_BINANCE, "2026-11-23-10:00")
+
+        result = tick(instance, at(11, 10, 30), result.cursor)
+        assert "2026-11-23-10:00" not in requested(result, GOLD)  # its dependency is still being written
+        result = tick(instance, at(11, 11), result.cursor)
+        assert requested(result, GOLD) == set()
+
+        finish(instance, run)
+        result = tick(instance, at(11, 12), result.cursor)
+        assert requested(result, GOLD) == {"2026-11-23-10:00"}  # completed as soon as Silver is quiet
+        seen = []
+        for minute in (13, 15, 20, 40):
+            result = tick(instance, at(11, minute), result.cursor)
+            seen.append("2026-11-23-10:00" in requested(result, GOLD))
+        assert seen == [False] * 4  # once: the latch is reset by the request
+
+
+def test_silver_completion_waits_for_its_own_last_refresh_and_is_not_lost() -> None:
+    """Silver 10:00's 10:55 refresh still in progress at 11:05: the completion follows it, once."""
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = tick(instance, at(10, 51))
+        result = tick(instance, at(10, 55, 30), result.cursor)
+        assert requested(result, SILVER) == {"2026-11-23-10:00"}
+        refresh = start_run(instance, SILVER_BINANCE, "2026-11-23-10:00")
+
+        result = tick(instance, at(11, 5, 30), result.cursor)
+        assert requested(result, SILVER) == {"2026-11-23-11:00"}  # 10:00 is busy: not requested, remembered
+        result = tick(instance, at(11, 6), result.cursor)
+        assert requested(result, SILVER) == set()
+
+        # The refresh finishing is not the completion: it read Bronze before the hour closed.
+        finish(instance, refresh)
+        result = tick(instance, at(11, 7), result.cursor)
+        assert requested(result, SILVER) == {"2026-11-23-10:00"}
+        result = tick(instance, at(11, 10, 30), result.cursor)
+        assert requested(result, SILVER) == {"2026-11-23-11:00"}  # not twice
+        assert "2026-11-23-10:00" in requested(result, GOLD)
+
+
+def test_a_completion_delayed_past_the_next_hour_still_happens() -> None:
+    """A run stuck in progress for over an hour delays the completion; it is not forgotten at the next hour."""
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = tick(instance, at(10, 51))
+        stuck = start_run(instance, SILVER_BINANCE, "2026-11-23-10:00")
+        for hour, minute in ((11, 5), (11, 30), (12, 5), (12, 10), (12, 30)):
+            result = tick(instance, at(hour, minute, 30), result.cursor)
+            assert "2026-11-23-10:00" not in requested(result, SILVER)
+        finish(instance, stuck)
+        result = tick(instance, at(12, 31), result.cursor)
+        assert requested(result, SILVER) == {"2026-11-23-10:00"}
