@@ -13,6 +13,7 @@ import json
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -137,14 +138,25 @@ class DlqStream:
         return {f"dlq_{k.lower()}": v for k, v in sorted(self.silver_pass.categories.items())}
 
 
+def rows_per_hour(stream: IcebergStream) -> Counter[int]:
+    """Rows of `stream` per hour (since the epoch) of its table's time column, reading only that column."""
+    column = stream.spec.time_column
+    counts: Counter[int] = Counter()
+    for batch in replace(stream, columns=(column,)).batches():
+        micros = batch.column(column).cast(pa.int64())
+        for item in pc.divide(micros, MICROS_PER_HOUR).value_counts():
+            counts[item["values"].as_py()] += item["counts"].as_py()
+    return counts
+
+
 def existing_rows(
     iceberg: IcebergCatalogResource, exchange: ExchangeConfig, start: datetime, end: datetime
-) -> int:
-    """Silver + DLQ rows already stored for the window."""
+) -> Counter[int]:
+    """Silver + DLQ rows already stored for the window, per Bronze ingestion hour."""
     silver_spec = silver_table_spec(exchange)
-    silver = read_scope(iceberg.ensure_table(silver_spec), silver_spec, RowScope(start, end)).count()
-    dlq_table = iceberg.ensure_table(DLQ_TABLE_SPEC)
-    return silver + read_scope(dlq_table, DLQ_TABLE_SPEC, RowScope(start, end, exchange.name)).count()
+    silver = rows_per_hour(read_scope(iceberg.ensure_table(silver_spec), silver_spec, RowScope(start, end)))
+    dlq_scope = RowScope(start, end, exchange.name)
+    return silver + rows_per_hour(read_scope(iceberg.ensure_table(DLQ_TABLE_SPEC), DLQ_TABLE_SPEC, dlq_scope))
 
 
 def refuse_if_bronze_expired(
@@ -154,14 +166,24 @@ def refuse_if_bronze_expired(
     start: datetime,
     end: datetime,
 ) -> None:
-    """Bronze only ever gains rows in a past window, unless retention deleted them: then re-deriving
-    Silver from what is left would erase Silver rows that can no longer be rebuilt."""
-    stored, available = existing_rows(iceberg, exchange, start, end), bronze.count()
-    if available < stored:
+    """Bronze only ever gains rows in a past hour, unless retention deleted them: then re-deriving
+    Silver from what is left would erase Silver rows that can no longer be rebuilt. Compared hour by
+    hour: over a backfill range, hours Bronze still has in full must not hide hours it lost (review #7)."""
+    stored, available = existing_rows(iceberg, exchange, start, end), rows_per_hour(bronze)
+    lost = {
+        hour: (count, available[hour]) for hour, count in sorted(stored.items()) if available[hour] < count
+    }
+    if lost:
+        hours = ", ".join(
+            f"{(datetime(1970, 1, 1, tzinfo=UTC) + timedelta(hours=hour)).strftime(HOUR_KEY_FORMAT)} "
+            f"(Silver+DLQ {count}, Bronze {left})"
+            for hour, (count, left) in list(lost.items())[:5]
+        )
         raise dg.Failure(
-            f"Bronze holds {available} rows of {exchange.name} ingested in [{start}, {end}) but Silver and the DLQ "
-            f"hold {stored}: Bronze retention ({exchange.retention_days} days) removed rows of this window, and "
-            "re-materialising it would erase Silver rows. Use the silver_dlq_replay job to reprocess DLQ rows."
+            f"Bronze of {exchange.name} holds fewer rows than Silver and the DLQ for {len(lost)} hour(s) of "
+            f"[{start}, {end}): {hours}. Bronze retention ({exchange.retention_days} days) removed them, and "
+            "re-materialising would erase Silver rows. Leave those hours out of the range; use the "
+            "silver_dlq_replay job to reprocess DLQ rows."
         )
 
 
