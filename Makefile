@@ -14,19 +14,18 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/uv
 	$(BIN)/uv pip install --quiet --python $(BIN)/python -e ".[dev]"
 	touch $@
 
-install: $(VENV)/.installed ## create the virtualenv and install K2 with its dev tools
+# The dev stack's Kafka broker: Apache Kafka's jars from Maven Central, cached in ~/.cache/k2 (needs Java 17+).
+install: $(VENV)/.installed ## create the virtualenv, install K2 with its dev tools, fetch the Kafka jars
+	@$(BIN)/k2 devstack install
 
-# Debian's Chromium for the browser test (Playwright drives it; it never downloads a browser).
+# What the tests need from the system, installed and started: PostgreSQL, Chromium, Java, Maven.
 system-deps:
-	@command -v chromium >/dev/null 2>&1 || { \
-		echo "installing Debian's chromium for the browser test"; \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-		|| echo "WARNING: could not install chromium; the browser test will be skipped"; }
+	bash .ci/services.sh
 
 run: install ## run the whole pipeline end to end on the embedded default
 	$(BIN)/k2 run
 
-test: install system-deps ## run the test suite against real parts
+test: system-deps install ## run the test suite against real parts
 	$(BIN)/pytest -q
 
 dev: install ## dagster dev on 127.0.0.1 with the dev stack up and the simulator streaming

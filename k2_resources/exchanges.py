@@ -16,7 +16,7 @@ MB = 1024 * 1024
 
 @dataclass(frozen=True)
 class ExchangeConfig:
-    """What differs between exchanges: topic, retention, file size, commit cadence, symbols, DLQ limits."""
+    """What differs between exchanges: topic, retention, file size, commit cadence, symbols, DLQ limits, topic shape."""
 
     name: str
     retention_days: int
@@ -26,6 +26,9 @@ class ExchangeConfig:
     quote_currencies: tuple[str, ...] = ("USDT", "USDC", "USD", "EUR", "BTC", "ETH")
     dlq_warn_rate: float = 0.01
     dlq_fail_rate: float = 0.05
+    # The topic, as the dev stack creates it (a real cluster's topics are its operators').
+    kafka_partitions: int = 4
+    kafka_retention_hours: float = 72.0
 
     @property
     def code(self) -> str:

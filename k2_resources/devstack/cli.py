@@ -22,16 +22,23 @@ def register(subparsers: Any) -> None:
     """Add the `devstack` command and its `up`, `down`, `status` sub-commands to the `k2` parser."""
     parser = subparsers.add_parser(
         "devstack",
-        help="the embedded dev stack (mock Kafka + Schema Registry)",
-        description="Run a mock Kafka cluster and a Confluent-compatible Schema Registry on 127.0.0.1, "
-        "in one background process, and write their addresses to $K2_HOME/devstack.env.",
+        help="the embedded dev stack (Apache Kafka broker + Schema Registry)",
+        description="Run an Apache Kafka broker (KRaft, one node) and a Confluent-compatible Schema Registry "
+        "on 127.0.0.1 in the background, and write their addresses to $K2_HOME/devstack.env.",
     )
     actions = parser.add_subparsers(dest="devstack_command", required=True)
-    up = actions.add_parser("up", help="start the stack (no-op if it runs), register V2, write devstack.env")
+    up = actions.add_parser(
+        "up", help="start what is not running, create topics, register V2, write devstack.env"
+    )
     up.add_argument("--registry-port", type=int, default=0, help="registry port (default 0: any free port)")
-    up.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the stack to answer")
+    up.add_argument(
+        "--kafka-port", type=int, default=0, help="broker port (default: the one it had, else any free port)"
+    )
+    up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the stack to answer")
     up.set_defaults(func=_up)
-    down = actions.add_parser("down", help="stop the stack and remove devstack.env (topics are lost)")
+    install = actions.add_parser("install", help="fetch the Kafka broker's jars from Maven Central (once)")
+    install.set_defaults(func=_install)
+    down = actions.add_parser("down", help="stop the stack and remove devstack.env (Kafka data is kept)")
     down.add_argument(
         "--timeout", type=float, default=10.0, help="seconds to wait after SIGTERM before SIGKILL"
     )
@@ -43,7 +50,9 @@ def register(subparsers: Any) -> None:
 
 def _up(args: argparse.Namespace) -> int:
     try:
-        info = start_devstack(registry_port=args.registry_port, timeout=args.timeout)
+        info = start_devstack(
+            registry_port=args.registry_port, timeout=args.timeout, kafka_port=args.kafka_port
+        )
     except DevstackError as err:
         print(f"k2 devstack up failed: {err}", file=sys.stderr)
         return 1
@@ -59,7 +68,21 @@ def _up(args: argparse.Namespace) -> int:
     return 0
 
 
+def _install(args: argparse.Namespace) -> int:
+    from k2_resources.devstack import kafka
+
+    try:
+        folder = kafka.install_jars()
+    except kafka.KafkaSetupError as err:
+        print(f"k2 devstack install failed: {err}", file=sys.stderr)
+        return 1
+    print(f"{kafka.describe()}: jars in {folder}")
+    return 0
+
+
 def _print_addresses(info: DevstackInfo) -> None:
+    broker = f", pid {info.broker_pid}" if info.broker_pid else ""
+    print(f"  Kafka: {info.kafka}{broker}")
     print(f"  Kafka bootstrap servers: {info.bootstrap_servers}")
     print(f"  Schema Registry:         {info.registry_url}")
     print(f"  Settings in {env_path(info.home)}; log in {log_path(info.home)}")
@@ -74,7 +97,7 @@ def _down(args: argparse.Namespace) -> int:
     if pid is None:
         print("The K2 dev stack was not running.")
     else:
-        print(f"The K2 dev stack is down (host pid {pid} stopped; topics are gone, schemas are kept).")
+        print(f"The K2 dev stack is down (pid {pid} stopped; Kafka data and schemas are kept).")
     return 0
 
 

@@ -1,12 +1,17 @@
-"""Start, stop and inspect the dev stack's host process, and the host process itself (`serve`).
+"""Start, stop and inspect the dev stack: a Kafka broker and a Schema Registry host (`serve`).
 
-One detached process (`python -m k2_resources.devstack.stack serve`) keeps the mock Kafka cluster and the
-Schema Registry alive, because the mock cluster dies with the client that created it and `k2 devstack up`
-must return. Files under `$K2_HOME/devstack/`:
+Two detached processes per K2_HOME, each found again through its pid file:
+- the Kafka broker, a real Apache Kafka JVM (`k2_resources.devstack.kafka`, files under
+  `$K2_HOME/devstack/kafka/`), whose records and offsets survive `down`, `up` and a SIGKILL;
+- the host (`python -m k2_resources.devstack.stack serve`), which serves the Schema Registry, and holds
+  librdkafka's mock cluster instead of a broker when `K2_DEVSTACK_KAFKA=mock` (no Java).
+
+`up` starts whichever of them is not running, so a broker killed with SIGKILL comes back by `up` on
+its old ports with its data. Files under `$K2_HOME/devstack/`:
 
 - `devstack.pid`: the host's pid, written by `up`; a pid whose process is gone, or is not a dev stack
   host for this K2_HOME (pid reuse), is stale and cleaned up, never signalled.
-- `addresses.json`: written by the host once both services answer; `up` waits for it.
+- `addresses.json`: written by the host once it answers; `up` waits for it.
 - `devstack.log`: the host's output; `up` shows its tail when the host fails to start.
 - `registry.json`: the registry's state; it survives `down`, so schema ids are stable across restarts.
 - `lock`: serialises `up` and `down` for one K2_HOME.
@@ -37,12 +42,14 @@ from urllib.parse import quote
 
 import psutil
 
+from k2_resources.devstack import kafka as broker
 from k2_resources.devstack.broker import TopicWatermarks, probe_topics
 from k2_resources.exchanges import EXCHANGES
 from k2_resources.settings import KAFKA_BOOTSTRAP_SERVERS, SCHEMA_REGISTRY_URL, k2_home
 
 HOST_MODULE = "k2_resources.devstack.stack"
 HOST = "127.0.0.1"
+MOCK_KAFKA = "librdkafka mock cluster (fallback: in memory, lost on restart)"
 LOG_TAIL_LINES = 40
 REGISTRY_CONTENT_TYPE = "application/vnd.schemaregistry.v1+json"
 
@@ -63,9 +70,16 @@ class DevstackInfo:
     pid: int
     bootstrap_servers: str
     registry_url: str
+    kafka: str = ""  # which Kafka serves bootstrap_servers, for people: "Apache Kafka 4.1.1 (...)"
+    broker_pid: int | None = None  # the broker's own process (None for the mock cluster in the host)
     already_running: bool = False
     startup_seconds: float | None = None
     schema_ids: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def serving(self) -> bool:
+        """Both parts run: the host, and the broker process (or the mock cluster inside the host)."""
+        return self.kafka == MOCK_KAFKA or self.broker_pid is not None
 
     def env(self) -> dict[str, str]:
         """The settings K2 reads (the contents of devstack.env)."""
@@ -214,15 +228,32 @@ def _live_host(home: Path) -> tuple[int | None, int | None]:
 
 
 def _read_addresses(home: Path, pid: int) -> DevstackInfo | None:
-    """The addresses the host `pid` published, or None if it has not published (yet)."""
+    """The stack as the host `pid` published it, or None if it has not published (yet).
+
+    With a real broker the host publishes only the registry; the broker's address is its own
+    (`ports.json`), and `broker_pid` is None while its process is not running.
+    """
     try:
         data = json.loads(addresses_path(home).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     if data.get("pid") != pid:
         return None
+    if data.get("kafka") == "mock":
+        bootstrap, kafka, broker_pid = data["bootstrap_servers"], MOCK_KAFKA, None
+    else:
+        broker_pid = broker.live_broker(home)
+        try:
+            bootstrap, kafka = broker.bootstrap_servers(home), broker.describe()
+        except FileNotFoundError:
+            return None
     return DevstackInfo(
-        home=home, pid=pid, bootstrap_servers=data["bootstrap_servers"], registry_url=data["registry_url"]
+        home=home,
+        pid=pid,
+        bootstrap_servers=bootstrap,
+        registry_url=data["registry_url"],
+        kafka=kafka,
+        broker_pid=broker_pid,
     )
 
 
@@ -240,18 +271,10 @@ def _terminate(pid: int, timeout: float) -> None:
         raise DevstackError(f"The dev stack host (pid {pid}) did not exit after SIGKILL")
 
 
-def _spawn(home: Path, registry_port: int) -> subprocess.Popen[bytes]:
+def _spawn(home: Path, registry_port: int, mock_kafka: bool) -> subprocess.Popen[bytes]:
     """Start the host detached (own session, no terminal), its output appended to the log."""
-    command = [
-        sys.executable,
-        "-m",
-        HOST_MODULE,
-        "serve",
-        "--home",
-        str(home),
-        "--registry-port",
-        str(registry_port),
-    ]
+    command = [sys.executable, "-m", HOST_MODULE, "serve", "--home", str(home)]
+    command += ["--registry-port", str(registry_port), *(["--mock-kafka"] if mock_kafka else [])]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log_path(home), "ab") as log:
         process = subprocess.Popen(
@@ -267,15 +290,13 @@ def _spawn(home: Path, registry_port: int) -> subprocess.Popen[bytes]:
     return process
 
 
-def _wait_ready(
-    home: Path, process: subprocess.Popen[bytes], timeout: float, log_offset: int
-) -> DevstackInfo:
+def _wait_published(home: Path, process: subprocess.Popen[bytes], timeout: float, log_offset: int) -> None:
     """Wait until the host publishes its addresses; fail early, with the log tail, if it dies."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        info = _read_addresses(home, process.pid)
-        if info is not None:
-            return info
+        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+            if json.loads(addresses_path(home).read_text()).get("pid") == process.pid:
+                return
         code = process.poll()
         if code is not None:
             _SPAWNED.pop(process.pid, None)
@@ -288,6 +309,33 @@ def _wait_ready(
         f"The dev stack host (pid {process.pid}) did not become ready within {timeout:.0f} s. "
         f"Last lines of {log_path(home)}:\n{log_tail(home, log_offset)}"
     )
+
+
+def _start_broker(home: Path, kafka_port: int, timeout: float) -> int:
+    """Start this K2_HOME's Kafka broker and wait until it serves metadata; returns its pid."""
+    log = broker.broker_log_path(home)
+    log_offset = log.stat().st_size if log.exists() else 0
+    try:
+        process, ports = broker.spawn_broker(home, kafka_port)
+    except broker.KafkaSetupError as err:
+        raise DevstackError(str(err)) from err
+    _SPAWNED[process.pid] = process
+    try:
+        broker.wait_until_serving(f"{HOST}:{ports.plaintext}", timeout, alive=lambda: process.poll() is None)
+    except broker.KafkaSetupError as err:
+        with contextlib.suppress(DevstackError):
+            _terminate(process.pid, timeout=5.0)
+        tail = _file_tail(log, log_offset)
+        raise DevstackError(f"Kafka did not start: {err}. Last lines of {log}:\n{tail}") from err
+    return process.pid
+
+
+def _file_tail(path: Path, offset: int) -> str:
+    if not path.exists():
+        return "(no log written)"
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        return "\n".join(handle.read().decode(errors="replace").splitlines()[-LOG_TAIL_LINES:]) or "(empty)"
 
 
 def register_exchange_schemas(registry_url: str, timeout: float = 10.0) -> dict[str, int]:
@@ -335,70 +383,96 @@ def probe_registry(registry_url: str, timeout: float = 5.0) -> list[str]:
 
 
 def start_devstack(
-    home: Path | str | None = None, registry_port: int = 0, timeout: float = 30.0
+    home: Path | str | None = None, registry_port: int = 0, timeout: float = 60.0, kafka_port: int = 0
 ) -> DevstackInfo:
-    """Start the dev stack for `home` (default: K2_HOME) unless it runs; return where it listens.
+    """Start the dev stack for `home` (default: K2_HOME): whichever of broker and host is not running.
 
-    Returns only when a consumer in this process can assign the exchange topics and read their
-    watermarks and V2 is registered for every exchange, then writes devstack.env. On any failure the
-    half-started host is stopped and DevstackError says why (with the host's log tail).
+    Returns only when the exchange topics exist (created through the Admin API with each exchange's
+    partition count and retention), a consumer in this process can assign them and read their
+    watermarks, and V2 is registered for every exchange; then writes devstack.env. On any failure
+    what this call started is stopped and DevstackError says why (with the log's tail).
     """
     home = _home(home)
+    try:
+        mock = broker.kafka_impl() == "mock"
+    except broker.KafkaSetupError as err:
+        raise DevstackError(str(err)) from err
     with _exclusive(home):
-        pid, _ = _live_host(home)
-        if pid is not None:
-            return _running_info(home, pid)
+        host_pid, _ = _live_host(home)
+        running = _read_addresses(home, host_pid) if host_pid is not None else None
+        if running is not None and running.serving:
+            return _running_info(home, running)
         started = time.monotonic()
-        log_offset = log_path(home).stat().st_size if log_path(home).exists() else 0
-        process = _spawn(home, registry_port)
-        pid_path(home).write_text(f"{process.pid}\n")
+        started_pids: list[int] = []
         try:
-            info = _wait_ready(home, process, timeout, log_offset)
-            probe_topics(info.bootstrap_servers, [e.topic for e in EXCHANGES], timeout=timeout)
+            if host_pid is None:
+                log_offset = log_path(home).stat().st_size if log_path(home).exists() else 0
+                process = _spawn(home, registry_port, mock)
+                pid_path(home).write_text(f"{process.pid}\n")
+                started_pids.append(process.pid)
+                host_pid = process.pid
+            if mock:
+                print(
+                    f"k2 devstack: using {MOCK_KAFKA} because {broker.KAFKA_IMPL_SETTING}=mock",
+                    file=sys.stderr,
+                )
+            elif broker.live_broker(home) is None:
+                started_pids.append(_start_broker(home, kafka_port, timeout))
+            if host_pid in started_pids:
+                _wait_published(home, _SPAWNED[host_pid], timeout, log_offset)
+            info = _read_addresses(home, host_pid)
+            if info is None:
+                raise DevstackError(f"The dev stack host (pid {host_pid}) published no usable addresses")
+            topics = [e.topic for e in EXCHANGES]
+            if not mock:
+                broker.ensure_topics(info.bootstrap_servers, EXCHANGES, timeout=timeout)
+            probe_topics(info.bootstrap_servers, topics, timeout=timeout)
             schema_ids = register_exchange_schemas(info.registry_url)
             _write_env(home, info)
         except BaseException as err:
-            with contextlib.suppress(DevstackError):
-                _terminate(process.pid, timeout=5.0)
-            _clear_runtime_files(home)
+            for pid in reversed(started_pids):
+                with contextlib.suppress(DevstackError):
+                    _terminate(pid, timeout=5.0)
+            if host_pid in started_pids:
+                _clear_runtime_files(home)
             if isinstance(err, DevstackError | KeyboardInterrupt):
                 raise
             raise DevstackError(
                 f"The dev stack started but is not usable: {err}. Last lines of {log_path(home)}:\n"
-                f"{log_tail(home, log_offset)}"
+                f"{log_tail(home)}"
             ) from err
         return replace(info, startup_seconds=time.monotonic() - started, schema_ids=schema_ids)
 
 
-def _running_info(home: Path, pid: int) -> DevstackInfo:
-    """The addresses of a host that already runs (and devstack.env restored if someone removed it)."""
-    info = _read_addresses(home, pid)
-    if info is None:
-        raise DevstackError(
-            f"A dev stack host (pid {pid}) runs for {home} but has not published its addresses; "
-            f"run `k2 devstack down` and `k2 devstack up`. Last lines of {log_path(home)}:\n{log_tail(home)}"
-        )
+def _running_info(home: Path, info: DevstackInfo) -> DevstackInfo:
+    """A stack whose broker and host both run (devstack.env restored if someone removed it)."""
     if not env_path(home).exists():
         _write_env(home, info)
     return replace(info, already_running=True)
 
 
 def stop_devstack(home: Path | str | None = None, timeout: float = 10.0) -> int | None:
-    """Stop the dev stack for `home`: the stopped host's pid, or None if none was running.
+    """Stop the dev stack for `home`: the stopped host's pid, or None if no host was running.
 
-    The broker's topics are gone afterwards (memory only); the registry's state is kept.
+    The real broker's records and offsets stay under `$K2_HOME/devstack/kafka/data` for the next
+    `up`; the mock cluster's are gone. The registry's state is kept either way.
     """
     home = _home(home)
     with _exclusive(home):
         pid, _ = _live_host(home)
+        broker_pid = broker.live_broker(home)
+        if broker_pid is not None:
+            broker.stop_broker(broker_pid, timeout)
+            _SPAWNED.pop(broker_pid, None)
+            broker.broker_pid_path(home).unlink(missing_ok=True)
         if pid is not None:
             _terminate(pid, timeout)
         _clear_runtime_files(home)
-        return pid
+        return pid if pid is not None else broker_pid
 
 
 def devstack_status(home: Path | str | None = None, timeout: float = 5.0) -> DevstackStatus:
-    """Whether the host runs and whether Kafka and the registry answer a client right now."""
+    """Whether the host and broker run and whether Kafka and the registry answer a client right now."""
     home = _home(home)
     pid, stale = _live_host(home)
     info = _read_addresses(home, pid) if pid is not None else None
@@ -406,6 +480,10 @@ def devstack_status(home: Path | str | None = None, timeout: float = 5.0) -> Dev
         return DevstackStatus(info=None, stale_pid=stale, unpublished_pid=pid)
     topics, kafka_error, subjects, registry_error = {}, None, [], None
     try:
+        if not info.serving:
+            raise DevstackError(
+                f"the Kafka broker is not running ({broker.broker_log_path(home)}); run `k2 devstack up`"
+            )
         topics = probe_topics(info.bootstrap_servers, [e.topic for e in EXCHANGES], timeout=timeout)
     except Exception as err:  # any failure means "not reachable"; the message is the diagnosis
         kafka_error = str(err)
@@ -427,9 +505,8 @@ def devstack_status(home: Path | str | None = None, timeout: float = 5.0) -> Dev
 # --------------------------------------------------------------------------------------------------
 
 
-def serve(home: Path, registry_port: int) -> int:
-    """Run the mock cluster and the registry until SIGTERM/SIGINT; publish addresses once both answer."""
-    from k2_resources.devstack.broker import MockBroker
+def serve(home: Path, registry_port: int, mock_kafka: bool = False) -> int:
+    """Run the registry (and, as a fallback, the mock cluster) until SIGTERM/SIGINT; publish addresses."""
     from k2_resources.devstack.registry import SchemaStore, start_registry_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -439,26 +516,40 @@ def serve(home: Path, registry_port: int) -> int:
         signal.signal(sig, lambda signum, frame: stop.set())
     log.info("starting dev stack host pid %d for %s", os.getpid(), home)
     store = SchemaStore(registry_state_path(home))
-    broker = MockBroker()
-    partitions = broker.ensure_topics([e.topic for e in EXCHANGES])
+    addresses: dict[str, Any] = {"pid": os.getpid(), "kafka": "mock" if mock_kafka else "apache"}
+    mock = None
+    if mock_kafka:
+        from k2_resources.devstack.broker import MockBroker
+
+        log.warning("Kafka is %s, not a real broker", MOCK_KAFKA)
+        mock = MockBroker()
+        addresses["bootstrap_servers"] = mock.bootstrap_servers
+        log.info(
+            "mock kafka %s, topics %s",
+            mock.bootstrap_servers,
+            mock.ensure_topics([e.topic for e in EXCHANGES]),
+        )
     server = start_registry_server(store, HOST, registry_port)
-    _publish(
-        home, {"pid": os.getpid(), "bootstrap_servers": broker.bootstrap_servers, "registry_url": server.url}
-    )
-    log.info(
-        "ready: kafka %s (topics %s), schema registry %s", broker.bootstrap_servers, partitions, server.url
-    )
+    _publish(home, {**addresses, "registry_url": server.url})
+    log.info("ready: schema registry %s", server.url)
+    broker_pid = None
     while not stop.wait(0.5):
+        broker_pid = broker.live_broker(home) if broker.broker_pid_path(home).exists() else broker_pid
         reason = _orphaned(home)
         if reason:
             log.warning("exiting: %s", reason)
+            if broker_pid is not None and broker.is_broker_for(broker_pid, home):
+                log.warning("stopping the orphaned Kafka broker (pid %d) too", broker_pid)
+                broker.stop_broker(broker_pid, timeout=5.0)
             break
     log.info("stopping")
     server.shutdown()
     server.server_close()
-    broker.close()
-    if _read_addresses(home, os.getpid()) is not None:
-        addresses_path(home).unlink(missing_ok=True)
+    if mock is not None:
+        mock.close()
+    with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+        if json.loads(addresses_path(home).read_text()).get("pid") == os.getpid():
+            addresses_path(home).unlink()
     log.info("stopped")
     return 0
 
@@ -467,7 +558,8 @@ def _orphaned(home: Path) -> str | None:
     """Why this host should exit although nobody stopped it, or None.
 
     A host whose K2_HOME was deleted (pytest's old temporary folders, `rm -rf .k2`) can never be found
-    by `down` again; without this check such hosts would pile up, each holding ports and memory.
+    by `down` again; without this check such hosts (and their brokers) would pile up, each holding
+    ports and memory.
     """
     if not (home / "devstack").is_dir():
         return f"{home / 'devstack'} was removed"
@@ -491,8 +583,9 @@ def main(argv: list[str] | None = None) -> int:
     serve_parser = commands.add_parser("serve", help="run the mock Kafka cluster and the schema registry")
     serve_parser.add_argument("--home", type=Path, required=True)
     serve_parser.add_argument("--registry-port", type=int, default=0)
+    serve_parser.add_argument("--mock-kafka", action="store_true", help="host librdkafka's mock cluster")
     args = parser.parse_args(argv)
-    return serve(args.home.resolve(), args.registry_port)
+    return serve(args.home.resolve(), args.registry_port, args.mock_kafka)
 
 
 if __name__ == "__main__":
