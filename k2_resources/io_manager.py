@@ -24,6 +24,7 @@ import dagster as dg
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+from pyiceberg.exceptions import CommitFailedException, ValidationException
 from pyiceberg.expressions import AlwaysTrue, And, BooleanExpression, EqualTo, GreaterThanOrEqual, LessThan
 from pyiceberg.io.pyarrow import ArrowScan, _dataframe_to_data_files, schema_to_pyarrow
 from pyiceberg.table import DataScan, Table
@@ -32,6 +33,9 @@ from pyiceberg.types import LongType, TimestampType, TimestamptzType
 from k2_resources.iceberg import IcebergCatalogResource, TableSpec
 
 DEFAULT_CHUNK_ROWS = 250_000
+# A write that meets a concurrent commit of the same rows: recompute, never re-commit stale data.
+WRITE_CONFLICTS = (CommitFailedException, ValidationException)
+MAX_RECOMPUTES = 3
 
 
 @dataclass(frozen=True)
@@ -136,7 +140,37 @@ def replace_rows(
     snapshot_properties: Mapping[str, str],
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ) -> WriteReport:
-    """Replace exactly the rows in `scope` with `data`, in one commit; data is streamed in chunks."""
+    """Replace exactly the rows in `scope` with `data`, in one commit; data is streamed in chunks.
+
+    A commit that meets a concurrent write of the same scope (PyIceberg's serializable validation
+    raises ValidationException; CommitFailedException once its own retries are spent) is never
+    re-committed as it was: the data was computed from what that other write replaced. When `data`
+    can `refresh()` (recompute itself from the tables' current state), the write is redone with the
+    fresh computation, at most MAX_RECOMPUTES times; otherwise the conflict fails the write.
+    """
+    for attempt in itertools.count(1):
+        try:
+            return _replace_once(table, spec, data, scope, snapshot_properties, chunk_rows)
+        except WRITE_CONFLICTS as err:
+            if not callable(getattr(data, "refresh", None)) or attempt > MAX_RECOMPUTES:
+                raise
+            dg.get_dagster_logger().warning(
+                f"Write of {spec.identifier} {scope.describe()} met a concurrent write "
+                f"({type(err).__name__}: {err}); recomputing (attempt {attempt + 1})"
+            )
+            table.refresh()
+            data.refresh()
+    raise AssertionError("unreachable")
+
+
+def _replace_once(
+    table: Table,
+    spec: TableSpec,
+    data: Any,
+    scope: RowScope,
+    snapshot_properties: Mapping[str, str],
+    chunk_rows: int,
+) -> WriteReport:
     schema = table.schema().as_arrow()
     write_uuid, counter = uuid.uuid4(), itertools.count(0)
     report, files = WriteReport(), []
@@ -153,13 +187,18 @@ def replace_rows(
         )
         report.rows += rows.num_rows
     properties = dict(snapshot_properties)
-    with table.transaction() as tx, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Delete operation did not match any records")
-        tx.delete(scope.expression(spec, table), snapshot_properties=properties)
-        if files:
-            with tx.update_snapshot(snapshot_properties=properties).fast_append() as append:
-                for data_file in files:
-                    append.append_data_file(data_file)
+    try:
+        with table.transaction() as tx, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Delete operation did not match any records")
+            tx.delete(scope.expression(spec, table), snapshot_properties=properties)
+            if files:
+                with tx.update_snapshot(snapshot_properties=properties).fast_append() as append:
+                    for data_file in files:
+                        append.append_data_file(data_file)
+    except WRITE_CONFLICTS:
+        for data_file in files:  # written for a commit that did not happen: nothing references them
+            table.io.delete(data_file.file_path)
+        raise
     table.refresh()
     report.data_files = len(files)
     report.snapshot_id = table.current_snapshot().snapshot_id if table.current_snapshot() else None

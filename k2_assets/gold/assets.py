@@ -33,6 +33,8 @@ V2_COLUMNS = tuple(f.name for f in v2_fields())
 LINEAGE_COLUMNS = ("bronze_ingestion_timestamp", "topic", "partition", "offset")
 FIRST_INGESTED = DedupPlan(key=["message_id"], order=list(LINEAGE_COLUMNS), output_order=["timestamp"])
 MICROS_PER_HOUR = 3_600_000_000
+# Gold output metadata: when the Silver snapshots this materialisation was computed from were pinned.
+SILVER_READ_AT = "silver_read_at"
 
 
 def to_micros(moment: datetime) -> int:
@@ -51,10 +53,15 @@ def event_time_filter(start: datetime, end: datetime):
 
 
 class SilverTrades:
-    """The Silver rows of every exchange whose trade time falls in a window, pinned to snapshots."""
+    """The Silver rows of every exchange whose trade time falls in a window, pinned to snapshots.
+
+    `read_at` is taken before the snapshots are pinned: every Silver commit older than it is in what
+    this reads, which is how the late-data sensor tells whether a Gold hour has seen a Silver change.
+    """
 
     def __init__(self, iceberg: IcebergCatalogResource, start: datetime, end: datetime):
         self.start, self.end = start, end
+        self.read_at = datetime.now(UTC)
         self.tables: list[Table] = [iceberg.ensure_table(silver_table_spec(e)) for e in EXCHANGES]
         self.snapshots = {
             t.name()[-1]: (t.current_snapshot().snapshot_id if t.current_snapshot() else None)
@@ -124,10 +131,19 @@ def to_gold(batch: pa.RecordBatch, now: datetime) -> pa.RecordBatch:
 
 
 class GoldStream:
-    """The Gold rows of a window, streamed into the IO manager, with what was dropped on the way."""
+    """The Gold rows of a window, streamed into the IO manager, with what was dropped on the way.
 
-    def __init__(self, silver: SilverTrades, removed: set[str]):
-        self.silver, self.removed = silver, removed
+    `refresh()` re-reads Silver and the dedup audit: the IO manager calls it when its commit met a
+    concurrent write of the same hour, so the retry writes a fresh computation, never the stale one.
+    """
+
+    def __init__(self, iceberg: IcebergCatalogResource, start: datetime, end: datetime):
+        self.iceberg, self.start, self.end = iceberg, start, end
+        self.refresh()
+
+    def refresh(self) -> None:
+        self.silver = SilverTrades(self.iceberg, self.start, self.end)
+        self.removed = audited_removals(self.iceberg, self.start, self.end)
         self.stats = {"silver_rows": 0, "after_audit": 0, "gold_rows": 0}
         self.now = datetime.now(UTC)
 
@@ -143,6 +159,7 @@ class GoldStream:
             "exact_duplicates_dropped": self.stats["after_audit"] - self.stats["gold_rows"],
             "removed_by_dedup_job": self.stats["silver_rows"] - self.stats["after_audit"],
             "silver_snapshots": dg.MetadataValue.json({k: str(v) for k, v in self.silver.snapshots.items()}),
+            SILVER_READ_AT: dg.MetadataValue.timestamp(self.silver.read_at),
         }
 
 
@@ -169,10 +186,9 @@ class GoldStream:
 )
 def gold_crypto_trades(context: dg.AssetExecutionContext, iceberg: IcebergCatalogResource):
     window = context.partition_time_window
-    silver = SilverTrades(iceberg, window.start, window.end)
-    removed = audited_removals(iceberg, window.start, window.end)
-    stream = GoldStream(silver, removed)
+    stream = GoldStream(iceberg, window.start, window.end)
     yield dg.Output(stream)
+    silver, removed = stream.silver, stream.removed  # what the committed write was computed from
     gold = read_scope(
         iceberg.load_table(GOLD_TABLE_SPEC), GOLD_TABLE_SPEC, RowScope(window.start, window.end)
     )

@@ -1,57 +1,184 @@
-"""Late data reaches its Gold hour without anyone asking.
+"""Every change to Silver after a Gold hour closed reaches that Gold hour, without anyone asking.
 
-Gold H depends on Silver H and H+1, which covers trades that arrive within about an hour. Every Silver
-materialisation records which event hours it contained (`event_hours` metadata); this sensor reads new
-Silver materialisations and requests the Gold partitions outside that normal window, so a trade that
-arrives hours or days late, or a replayed old day, is folded into its Gold hour.
+Gold H is computed from the Silver rows of every exchange whose trade time falls in H, wherever they
+sit in Silver. Automation completes each hour once after it closes; this sensor covers everything
+that changes Silver afterwards: trades ingested minutes or days late (they land in a later Silver
+partition), a DLQ replay, a re-run of an old Silver hour, a backfill.
+
+Every Silver materialisation records which event hours it holds and how many trades of each
+(`event_hours`; a DLQ replay records the hours of the rows it added, `event_hours_added`). For each
+new one, the sensor works out which closed event hours it may have changed, and when: an hour whose
+trade count differs from the previous pass of the same Silver partition changed now; an hour whose
+count is the same as in the passes before has been as it is since the oldest of them. (Counts stand
+for content because a pass over a Bronze window that is still filling only adds rows; a re-run that
+swapped rows for as many others of the same hour, e.g. under changed validation rules, would not be
+seen: the run that changes the rules should be followed by a Gold backfill.) Gold
+materialisations record when they pinned their Silver snapshots (`silver_read_at`). An hour is
+requested when its latest Gold materialisation read Silver before that change; a Gold run of the hour
+already queued or running is waited for (then checked again), never doubled. At most
+MAX_REQUESTS_PER_TICK hours are requested per tick; the rest stay in the cursor for the next ticks.
+
+Deciding "closed" from the Silver materialisation's own timestamp (not from the clock) keeps the
+running hour out: automation refreshes it every 5 minutes anyway.
 """
 
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
+from collections.abc import Mapping
+from datetime import timedelta
 
 import dagster as dg
 
-from k2_assets.gold.assets import GOLD_KEY
-from k2_assets.partitions import HOUR_KEY_FORMAT, hourly_partitions
+from k2_assets.gold.assets import GOLD_KEY, SILVER_READ_AT
+from k2_assets.partitions import hour_start, hourly_partitions
 from k2_assets.resources import automation_status
-from k2_assets.silver.assets import silver_asset_key
+from k2_assets.silver.assets import EVENT_HOURS, EVENT_HOURS_ADDED, PASS_PARTITIONS, silver_asset_key
 from k2_resources.exchanges import EXCHANGES
 
 MAX_REQUESTS_PER_TICK = 100
+RECORDS_PER_TICK = 500
+# How many earlier passes of a Silver partition are compared (an hour of 5-minute refreshes).
+PASSES_LOOKED_BACK = 12
+# A Gold run of one hour reads at most one hour of Silver: anything longer is hung (run monitoring).
+GOLD_RUN_TAGS = {"dagster/max_runtime": "3600"}
+IN_PROGRESS = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+    dg.DagsterRunStatus.CANCELING,
+]
 
 
-def normal_gold_hours(silver_partition: str) -> set[str]:
-    """Gold hours that Silver partition P feeds through the partition mapping: P-1 and P."""
-    hour = datetime.strptime(silver_partition, HOUR_KEY_FORMAT).replace(tzinfo=UTC)
-    return {hour.strftime(HOUR_KEY_FORMAT), (hour - timedelta(hours=1)).strftime(HOUR_KEY_FORMAT)}
+def _metadata_value(materialization: dg.AssetMaterialization, name: str):
+    entry = materialization.metadata.get(name)
+    return entry.value if entry is not None else None
 
 
-def late_hours(records: list[dg.EventLogRecord]) -> dict[str, int]:
-    """Gold hours the records' Silver materialisations hold trades for, beyond what the mapping covers.
+def _counts(value) -> dict[str, int]:
+    """`event_hours` as hour -> count (older materialisations stored a plain list of hours)."""
+    if isinstance(value, Mapping):
+        return {str(k): int(v) for k, v in value.items()}
+    return {str(hour): -1 for hour in value or []}
 
-    A range run records the same `event_hours` on every partition it materialises, so the normal
-    window is the union over the partitions of each run. Returns hour -> newest storage id asking.
+
+def _earlier_full_passes(instance: dg.DagsterInstance, record: dg.EventLogRecord) -> list[dg.EventLogRecord]:
+    """Single-partition full passes of the same Silver partition before `record`, newest first."""
+    materialization = record.asset_materialization
+    earlier = instance.fetch_materializations(
+        dg.AssetRecordsFilter(
+            asset_key=materialization.asset_key,
+            asset_partitions=[materialization.partition],
+            before_storage_id=record.storage_id,
+        ),
+        limit=PASSES_LOOKED_BACK,
+        ascending=False,
+    ).records
+    passes = []
+    for earlier_record in earlier:
+        if EVENT_HOURS_ADDED in earlier_record.asset_materialization.metadata:
+            break  # a DLQ replay changed the partition there
+        if not _single(earlier_record.asset_materialization):
+            break
+        passes.append(earlier_record)
+    return passes
+
+
+def changed_hours(instance: dg.DagsterInstance, record: dg.EventLogRecord) -> dict[str, float]:
+    """Closed Gold hour -> since when its Silver rows are as this materialisation left them.
+
+    For a full pass, an hour whose trade count is the same in the passes before it has been unchanged
+    since the oldest of those passes; any other hour, or one that lost all its rows, changed now.
     """
-    by_run: dict[str, list[dg.EventLogRecord]] = {}
-    for record in records:
-        by_run.setdefault(record.run_id, []).append(record)
-    valid = set(hourly_partitions.get_partition_keys())
-    wanted: dict[str, int] = {}
-    for run_records in by_run.values():
-        normal: set[str] = set()
-        hours: set[str] = set()
-        for record in run_records:
-            materialization = record.asset_materialization
-            if materialization is None or materialization.partition is None:
-                continue
-            normal |= normal_gold_hours(materialization.partition)
-            entry = materialization.metadata.get("event_hours")
-            hours |= set(entry.value) if entry is not None else set()
-        for hour in (hours - normal) & valid:
-            wanted[hour] = max(wanted.get(hour, 0), max(r.storage_id for r in run_records))
-    return wanted
+    materialization = record.asset_materialization
+    if materialization is None or materialization.partition is None:
+        return {}
+    added = _metadata_value(materialization, EVENT_HOURS_ADDED)
+    if added is not None:  # a DLQ replay: exactly these hours gained rows now
+        since = dict.fromkeys(_counts(added), record.timestamp)
+    else:
+        counts = _counts(_metadata_value(materialization, EVENT_HOURS))
+        passes = _earlier_full_passes(instance, record) if _single(materialization) else []
+        history = [
+            (p.timestamp, _counts(_metadata_value(p.asset_materialization, EVENT_HOURS))) for p in passes
+        ]
+        vanished = set(history[0][1]) - set(counts) if history else set()
+        since = {}
+        for hour in set(counts) | vanished:
+            since[hour] = record.timestamp
+            for moment, earlier in history:
+                if counts.get(hour, -1) < 0 or earlier.get(hour) != counts.get(hour):
+                    break
+                since[hour] = moment
+    return {
+        hour: moment
+        for hour, moment in since.items()
+        if hourly_partitions.has_partition_key(hour)
+        and (hour_start(hour) + timedelta(hours=1)).timestamp() <= record.timestamp
+    }
+
+
+def _single(materialization: dg.AssetMaterialization) -> bool:
+    """Whether the pass covered this partition alone (a range run records the range's totals)."""
+    return _metadata_value(materialization, PASS_PARTITIONS) == 1
+
+
+def gold_read_at(instance: dg.DagsterInstance, hour: str) -> float:
+    """When the latest Gold computation of `hour` pinned its Silver snapshots (0: never)."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=GOLD_KEY, asset_partitions=[hour]), limit=10, ascending=False
+    ).records
+    for record in records:  # the dedup job's stage-2 rewrites record no read time: look past them
+        value = _metadata_value(record.asset_materialization, SILVER_READ_AT)
+        if value is not None:
+            return float(value)
+    return 0.0
+
+
+def gold_in_progress(instance: dg.DagsterInstance, hour: str) -> bool:
+    runs = instance.get_run_records(
+        filters=dg.RunsFilter(tags={"dagster/partition": hour}, statuses=IN_PROGRESS), limit=20
+    )
+    return any(GOLD_KEY in (r.dagster_run.asset_selection or ()) for r in runs)
+
+
+def collect(context: dg.SensorEvaluationContext, cursor: dict) -> None:
+    """Fold new Silver materialisations into `cursor["pending"]` (hour -> Silver change time)."""
+    after, pending = cursor.setdefault("after", {}), cursor.setdefault("pending", {})
+    for exchange in EXCHANGES:
+        name = silver_asset_key(exchange).to_user_string()
+        result = context.instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=silver_asset_key(exchange), after_storage_id=after.get(name)),
+            limit=RECORDS_PER_TICK,
+            ascending=True,
+        )
+        for record in result.records:
+            for hour, since in changed_hours(context.instance, record).items():
+                pending[hour] = max(pending.get(hour, 0.0), since)
+            after[name] = record.storage_id
+
+
+def due_requests(instance: dg.DagsterInstance, pending: dict[str, float]) -> list[dg.RunRequest]:
+    """Run requests for pending hours whose Gold is older than their Silver; settled hours leave."""
+    requests: list[dg.RunRequest] = []
+    for hour in sorted(pending):
+        if len(requests) >= MAX_REQUESTS_PER_TICK:
+            break
+        since = pending[hour]
+        if gold_read_at(instance, hour) >= since:
+            del pending[hour]  # Gold already read this change
+        elif not gold_in_progress(instance, hour):  # else: check again once that run is over
+            del pending[hour]
+            requests.append(
+                dg.RunRequest(
+                    run_key=f"late-{hour}-{int(since * 1_000_000)}",
+                    partition_key=hour,
+                    asset_selection=[GOLD_KEY],
+                    tags=GOLD_RUN_TAGS,
+                )
+            )
+    return requests
 
 
 @dg.sensor(
@@ -59,23 +186,10 @@ def late_hours(records: list[dg.EventLogRecord]) -> dict[str, int]:
     target=[GOLD_KEY],
     minimum_interval_seconds=60,
     default_status=automation_status(),
-    description="Requests Gold hours that new Silver partitions hold trades for, outside the normal window.",
+    description="Requests every closed Gold hour whose Silver trades changed after Gold last read them.",
 )
 def gold_late_data_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
-    cursor: dict[str, int] = json.loads(context.cursor or "{}")
-    records: list[dg.EventLogRecord] = []
-    for exchange in EXCHANGES:
-        key = silver_asset_key(exchange)
-        after = cursor.get(key.to_user_string())
-        result = context.instance.fetch_materializations(
-            dg.AssetRecordsFilter(asset_key=key, after_storage_id=after), limit=500, ascending=True
-        )
-        records += result.records
-        if result.records:
-            cursor[key.to_user_string()] = result.records[-1].storage_id
-    wanted = late_hours(records)
-    requests = [
-        dg.RunRequest(run_key=f"late-{hour}-{storage_id}", partition_key=hour, asset_selection=[GOLD_KEY])
-        for hour, storage_id in sorted(wanted.items())[:MAX_REQUESTS_PER_TICK]
-    ]
-    return dg.SensorResult(run_requests=requests, cursor=json.dumps(cursor))
+    cursor: dict = json.loads(context.cursor or "{}")
+    collect(context, cursor)
+    requests = due_requests(context.instance, cursor["pending"])
+    return dg.SensorResult(run_requests=requests, cursor=json.dumps(cursor, sort_keys=True))

@@ -36,6 +36,12 @@ from k2_resources.kafka import SchemaRegistryResource
 
 IO_MANAGER_KEY = "iceberg_io_manager"
 MICROS_PER_HOUR = 3_600_000_000
+# Silver output metadata the Gold late-data sensor reads: event hour -> trades of a full pass, the
+# same for the rows a DLQ replay added, and how many partitions the pass covered (a range run records
+# the range's totals on each of them).
+EVENT_HOURS = "event_hours"
+EVENT_HOURS_ADDED = "event_hours_added"
+PASS_PARTITIONS = "pass_partitions"
 
 
 class SilverConfig(dg.Config):
@@ -81,9 +87,7 @@ class SilverPass:
             self._spill(dlq)
             self.silver_rows += silver.num_rows
             if silver.num_rows:
-                hours = pc.divide(silver.column("timestamp"), MICROS_PER_HOUR).value_counts()
-                for item in hours:
-                    self.event_hours[item["values"].as_py()] += item["counts"].as_py()
+                count_event_hours(self.event_hours, silver)
                 yield silver
         if self._writer is not None:
             self._writer.close()
@@ -104,25 +108,43 @@ class SilverPass:
             yield from pq.ParquetFile(self.spill_path).iter_batches(batch_size=50_000)
 
     def event_hour_keys(self) -> dict[str, int]:
-        return {
-            (datetime(1970, 1, 1, tzinfo=UTC) + timedelta(hours=hour)).strftime(HOUR_KEY_FORMAT): count
-            for hour, count in sorted(self.event_hours.items())
-        }
+        return event_hour_keys(self.event_hours)
+
+
+def count_event_hours(counter: Counter[int], silver: pa.RecordBatch | pa.Table) -> None:
+    """Add the trades of `silver` to `counter`, by event hour (hours since the epoch)."""
+    for item in pc.divide(silver.column("timestamp"), MICROS_PER_HOUR).value_counts():
+        counter[item["values"].as_py()] += item["counts"].as_py()
+
+
+def event_hour_keys(counter: Counter[int]) -> dict[str, int]:
+    """Hour partition key -> trades, for the `event_hours` metadata."""
+    return {
+        (datetime(1970, 1, 1, tzinfo=UTC) + timedelta(hours=hour)).strftime(HOUR_KEY_FORMAT): count
+        for hour, count in sorted(counter.items())
+    }
 
 
 class SilverStream:
     """The Silver output: iterated by the IO manager, then asked for its metadata."""
 
-    def __init__(self, silver_pass: SilverPass, transformed: Iterator[tuple[pa.RecordBatch, pa.RecordBatch]]):
+    def __init__(
+        self,
+        silver_pass: SilverPass,
+        transformed: Iterator[tuple[pa.RecordBatch, pa.RecordBatch]],
+        partitions: int,
+    ):
         self.silver_pass = silver_pass
         self.transformed = transformed
+        self.partitions = partitions
 
     def __iter__(self) -> Iterator[pa.RecordBatch]:
         return self.silver_pass.run(self.transformed)
 
     def output_metadata(self) -> dict:
         return {
-            "event_hours": dg.MetadataValue.json(self.silver_pass.event_hour_keys()),
+            EVENT_HOURS: dg.MetadataValue.json(self.silver_pass.event_hour_keys()),
+            PASS_PARTITIONS: self.partitions,
             "dlq_rows": self.silver_pass.dlq_rows,
         }
 
@@ -247,7 +269,8 @@ def build_silver_asset(exchange: ExchangeConfig) -> dg.AssetsDefinition:
                 partition_key=label,
                 now=datetime.now(UTC),
             )
-            yield dg.Output(SilverStream(silver_pass, transformed), output_name="silver")
+            silver_stream = SilverStream(silver_pass, transformed, len(context.partition_keys))
+            yield dg.Output(silver_stream, output_name="silver")
             yield dg.Output(DlqStream(silver_pass), output_name="dlq")
         silver_rows = read_scope(
             iceberg.load_table(silver_spec), silver_spec, RowScope(window.start, window.end)

@@ -12,6 +12,7 @@ them from the DLQ. Conservation holds again once both commits are in.
 
 # No `from __future__ import annotations`: Dagster reads op parameter annotations at definition time.
 
+from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -21,7 +22,14 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from k2_assets.partitions import HOUR_KEY_FORMAT
-from k2_assets.silver.assets import SilverConfig, dlq_asset_key, silver_asset_key
+from k2_assets.silver.assets import (
+    EVENT_HOURS_ADDED,
+    SilverConfig,
+    count_event_hours,
+    dlq_asset_key,
+    event_hour_keys,
+    silver_asset_key,
+)
 from k2_assets.silver.rules import DlqCategory
 from k2_assets.silver.tables import DLQ_TABLE_SPEC, silver_table_spec
 from k2_assets.silver.transform import WriterSchemas, transform_batches
@@ -128,10 +136,15 @@ def replay_partition(
         "added_to_silver": new_rows.num_rows if new_rows is not None else 0,
         "still_failing": still_failing.num_rows if still_failing is not None else 0,
     }
-    for key in (silver_asset_key(ex), dlq_asset_key(ex)):
+    # The event hours of the rows added to Silver: the Gold late-data sensor folds them into Gold.
+    added: Counter[int] = Counter()
+    if new_rows is not None and new_rows.num_rows:
+        count_event_hours(added, new_rows)
+    silver_metadata = {**counts, EVENT_HOURS_ADDED: dg.MetadataValue.json(event_hour_keys(added))}
+    for key, metadata in ((silver_asset_key(ex), silver_metadata), (dlq_asset_key(ex), counts)):
         context.log_event(
             dg.AssetMaterialization(
-                asset_key=key, partition=hour, metadata=counts, description="silver_dlq_replay"
+                asset_key=key, partition=hour, metadata=metadata, description="silver_dlq_replay"
             )
         )
     return counts
