@@ -12,6 +12,7 @@ load_devstack_env()
 from k2_assets.bronze import definitions as bronze  # noqa: E402
 from k2_assets.gold import definitions as gold  # noqa: E402
 from k2_assets.resources import automation_status, build_resources  # noqa: E402
+from k2_assets.run_supervision import orphaned_run_sensor  # noqa: E402
 from k2_assets.silver import definitions as silver  # noqa: E402
 
 freshness_sensor = dg.build_sensor_for_freshness_checks(
@@ -33,5 +34,7 @@ defs = dg.Definitions.merge(
     bronze.defs,
     silver.defs,
     gold.defs,
-    dg.Definitions(sensors=[freshness_sensor, automation_sensor], resources=build_resources()),
+    dg.Definitions(
+        sensors=[freshness_sensor, automation_sensor, orphaned_run_sensor], resources=build_resources()
+    ),
 )

@@ -110,11 +110,16 @@ def assert_instance_settings(instance: dg.DagsterInstance) -> None:
     """What dagster.yaml promises, as the loaded instance (and so the daemon) sees it."""
     queue = instance.get_concurrency_config().run_queue_config
     assert queue is not None and queue.max_concurrent_runs == 4
-    assert queue.tag_concurrency_limits == [
-        {"key": "k2/ingestion", "value": {"applyLimitPerUniqueValue": True}, "limit": 1}
-    ]
+    per_value = {"applyLimitPerUniqueValue": True}
+    for limit in (
+        {"key": "k2/ingestion", "value": per_value, "limit": 1},
+        {"key": "dagster/partition", "value": per_value, "limit": 1},  # one run per hour at a time
+        {"key": "k2/gold-dedup", "limit": 1},
+    ):
+        assert limit in queue.tag_concurrency_limits
     assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
     assert instance.run_monitoring_enabled
+    assert instance.run_monitoring_max_runtime_seconds == 6 * 3600  # runs without a max_runtime tag
     assert instance.run_retries_enabled and instance.run_retries_max_retries == 2
     assert instance.run_retries_retry_on_asset_or_op_failure is False
     assert instance.telemetry_enabled is False

@@ -225,6 +225,15 @@ def remove_gold_duplicates(
         context.log.info(f"{hour}: removed {before - report.rows} duplicate rows, {report.rows} remain")
 
 
-@dg.job(description="Two-stage Gold dedup: audit duplicates, then rewrite only the affected hours.")
+# One dedup at a time (dagster.yaml limits the tag to one run): two would append the same audit rows.
+DEDUP_TAG = "k2/gold-dedup"
+# Stage 1 over 24 hours of 10M trades takes about half an hour; twice that is a hung run.
+DEDUP_MAX_RUNTIME_SECONDS = 2 * 3600
+
+
+@dg.job(
+    description="Two-stage Gold dedup: audit duplicates, then rewrite only the affected hours.",
+    tags={DEDUP_TAG: "gold", "dagster/max_runtime": str(DEDUP_MAX_RUNTIME_SECONDS)},
+)
 def gold_dedup_job() -> None:
     remove_gold_duplicates(find_gold_duplicates())

@@ -188,8 +188,13 @@ def replay_dlq_rows(
             context.log.info(f"{ex.name} {hour}: {counts}")
 
 
+# A replay of 30 days of DLQ is long but not endless: past this it is hung and run monitoring ends it.
+REPLAY_MAX_RUNTIME_SECONDS = 6 * 3600
+
+
 @dg.job(
-    description="Send DLQ rows of chosen categories through Silver again after a fix, without doubling any."
+    description="Send DLQ rows of chosen categories through Silver again after a fix, without doubling any.",
+    tags={"dagster/max_runtime": str(REPLAY_MAX_RUNTIME_SECONDS)},
 )
 def silver_dlq_replay() -> None:
     replay_dlq_rows()
