@@ -8,11 +8,11 @@ from k2_assets.bronze.assets import bronze_tables, kafka_topics
 from k2_assets.bronze.checks import bronze_freshness_checks as freshness_checks
 from k2_assets.bronze.jobs import ingestion_jobs, retention_jobs
 from k2_assets.bronze.schedules import retention_schedules
-from k2_assets.bronze.sensors import ingestion_sensors
+from k2_assets.bronze.sensors import ingestion_halted_checks, ingestion_sensors
 
 defs = dg.Definitions(
     assets=[*kafka_topics, *bronze_tables],
-    asset_checks=freshness_checks,
+    asset_checks=[*freshness_checks, *ingestion_halted_checks],
     jobs=[*ingestion_jobs.values(), *retention_jobs.values()],
     sensors=ingestion_sensors,
     schedules=retention_schedules,
