@@ -1,0 +1,169 @@
+"""Spark with Iceberg's runtime, on the same catalog K2's PyIceberg catalog uses.
+
+PyIceberg 0.12 cannot compact data files, rewrite manifests or delete expired files; Iceberg's own
+Spark procedures can (`CALL <catalog>.system.rewrite_data_files(...)` etc.). `IcebergSparkResource`
+is dagster-pyspark's `LazyPySparkResource` (no Spark start unless an op asks for the session) whose
+Spark configuration is derived from `IcebergCatalogResource`'s properties, so both clients always
+point at one catalog:
+
+- PyIceberg `type: sql` on SQLite or PostgreSQL -> Iceberg's `JdbcCatalog` on the same database and
+  the same `catalog_name` (both store tables in `iceberg_tables` keyed by catalog name). Both use
+  JDBC schema version V1, the layout PyIceberg 0.12 creates (an `iceberg_type` column; rows it
+  writes say TABLE), so either side reads the other's tables and views never pass for tables.
+- `type: rest` -> Iceberg's REST catalog with the same URI, warehouse and credentials.
+- Every other property (`s3.endpoint`, `s3.access-key-id`, ...) is passed to the Spark catalog
+  unchanged: Iceberg's Java FileIO reads the same names.
+
+Spark runs `local[*]` by default; `master` (e.g. `spark://host:7077`, `yarn`) or `remote` (Spark
+Connect, `sc://host:15002`) select a cluster by configuration alone, from K2_SPARK_MASTER /
+K2_SPARK_REMOTE. Jars are resolved the way Spark users do, by `spark.jars.packages` from Maven
+Central into the Ivy cache; their versions are pinned here, in one place, matching `pyspark`'s pin in
+pyproject.toml. A Spark Connect server resolves its own jars: start it with `spark_packages()`.
+"""
+
+# No `from __future__ import annotations`: Dagster resolves resource field annotations at class creation.
+
+import os
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import dagster as dg
+from dagster_pyspark import LazyPySparkResource
+from dagster_pyspark.resources import spark_session_from_config
+
+from k2_resources.iceberg import IcebergCatalogResource
+
+# Pinned together: Iceberg's runtime is built per Spark minor version and Scala version.
+SPARK_MINOR_VERSION = "4.1"
+SCALA_VERSION = "2.13"
+ICEBERG_VERSION = "1.12.0"
+ICEBERG_SPARK_RUNTIME = (
+    f"org.apache.iceberg:iceberg-spark-runtime-{SPARK_MINOR_VERSION}_{SCALA_VERSION}:{ICEBERG_VERSION}"
+)
+ICEBERG_AWS_BUNDLE = f"org.apache.iceberg:iceberg-aws-bundle:{ICEBERG_VERSION}"
+SQLITE_JDBC = "org.xerial:sqlite-jdbc:3.50.3.0"
+POSTGRESQL_JDBC = "org.postgresql:postgresql:42.7.8"
+
+SPARK_MASTER_SETTING = "K2_SPARK_MASTER"
+SPARK_REMOTE_SETTING = "K2_SPARK_REMOTE"
+DEFAULT_MASTER = "local[*]"
+
+# PyIceberg properties that mean something else (or nothing) to Iceberg's Java catalogs.
+_TRANSLATED = {"type", "uri", "py-io-impl", "echo", "pool_pre_ping", "init_catalog_tables"}
+
+
+class SparkConfigError(ValueError):
+    """The catalog or Spark settings cannot be mapped to Spark; the message names the setting."""
+
+
+def jdbc_settings(uri: str) -> dict[str, str]:
+    """The JDBC URL and credentials for a PyIceberg SQL catalog's SQLAlchemy URI."""
+    parsed = urlparse(uri)
+    dialect = parsed.scheme.split("+")[0]
+    if dialect == "sqlite":
+        path = uri.split(":///", 1)[1] if ":///" in uri else ""
+        if not path or path == ":memory:":
+            raise SparkConfigError(f"Spark cannot share an in-memory SQLite catalog (catalog uri {uri!r})")
+        return {"uri": f"jdbc:sqlite:{path}"}
+    if dialect in ("postgresql", "postgres"):
+        port = f":{parsed.port}" if parsed.port else ""
+        settings = {"uri": f"jdbc:postgresql://{parsed.hostname}{port}{parsed.path}"}
+        if parsed.username:
+            settings["jdbc.user"] = unquote(parsed.username)
+        if parsed.password:
+            settings["jdbc.password"] = unquote(parsed.password)
+        return settings
+    raise SparkConfigError(
+        f"The catalog uri {uri!r} uses {dialect!r}: Spark maintenance supports SQL catalogs on SQLite or "
+        "PostgreSQL, and REST catalogs"
+    )
+
+
+def catalog_settings(properties: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """(Iceberg Spark catalog properties, extra jars) for PyIceberg catalog properties."""
+    kind = properties.get("type", "rest" if properties.get("uri", "").startswith("http") else "sql")
+    passed = {k: v for k, v in properties.items() if k not in _TRANSLATED}
+    if kind == "sql":
+        jdbc = jdbc_settings(properties.get("uri", ""))
+        settings = {**passed, "type": "jdbc", "jdbc.schema-version": "V1", **jdbc}
+        # Both drivers: jars are fixed when a process starts its JVM, whichever catalog it meets first.
+        jars = [SQLITE_JDBC, POSTGRESQL_JDBC]
+    elif kind == "rest":
+        settings, jars = {**passed, "type": "rest", "uri": properties["uri"]}, []
+    else:
+        raise SparkConfigError(f"Catalog type {kind!r} is not supported for Spark maintenance (type)")
+    if any(k.startswith("s3.") for k in properties) or properties.get("warehouse", "").startswith("s3"):
+        settings.setdefault("io-impl", "org.apache.iceberg.aws.s3.S3FileIO")
+        jars.append(ICEBERG_AWS_BUNDLE)
+    return settings, jars
+
+
+def spark_packages(properties: dict[str, str]) -> str:
+    """The `spark.jars.packages` value for a catalog: Iceberg's runtime plus its driver jars."""
+    return ",".join([ICEBERG_SPARK_RUNTIME, *catalog_settings(properties)[1]])
+
+
+def iceberg_spark_config(catalog_name: str, properties: dict[str, str]) -> dict[str, str]:
+    """Spark settings that register the catalog `catalog_name` exactly as PyIceberg sees it."""
+    settings, _ = catalog_settings(properties)
+    prefix = f"spark.sql.catalog.{catalog_name}"
+    return {
+        "spark.sql.extensions": "org.apache.iceberg.spark.extensions.IcebergSparkSessionExtensions",
+        "spark.jars.packages": spark_packages(properties),
+        prefix: "org.apache.iceberg.spark.SparkCatalog",
+        # Writers commit beside maintenance all the time: always act on the table's current metadata.
+        f"{prefix}.cache-enabled": "false",
+        **{f"{prefix}.{key}": value for key, value in settings.items()},
+    }
+
+
+class IcebergSparkResource(LazyPySparkResource):
+    """A lazily started SparkSession whose Iceberg catalog is K2's catalog (see the module docstring).
+
+    `spark_config` entries override the derived ones (e.g. `spark.driver.memory`).
+    """
+
+    iceberg: dg.ResourceDependency[IcebergCatalogResource]
+    master: str = DEFAULT_MASTER
+    remote: str = ""
+    spark_config: dict[str, Any] = {}
+
+    @classmethod
+    def from_environment(cls, iceberg: IcebergCatalogResource) -> "IcebergSparkResource":
+        """The resource as a deployment configures it: K2_SPARK_MASTER or K2_SPARK_REMOTE, else local."""
+        return cls(
+            iceberg=iceberg,
+            master=os.environ.get(SPARK_MASTER_SETTING, DEFAULT_MASTER),
+            remote=os.environ.get(SPARK_REMOTE_SETTING, ""),
+        )
+
+    @property
+    def catalog_name(self) -> str:
+        return self.iceberg.catalog_name
+
+    def full_config(self) -> dict[str, Any]:
+        """Everything the session is built with: master or remote, the catalog, then overrides."""
+        if self.remote and self.master != DEFAULT_MASTER:
+            raise SparkConfigError(
+                f"Set either {SPARK_MASTER_SETTING} ({self.master}) or {SPARK_REMOTE_SETTING} ({self.remote}), "
+                "not both"
+            )
+        where = {"spark.remote": self.remote} if self.remote else {"spark.master": self.master}
+        base = {
+            **where,
+            "spark.app.name": "k2-maintenance",
+            "spark.ui.enabled": "false",
+            "spark.sql.session.timeZone": "UTC",
+            **iceberg_spark_config(self.catalog_name, self.iceberg.resolved_properties()),
+        }
+        return {**base, **self.spark_config}
+
+    def _init_session(self) -> None:
+        if self._spark_session is None:
+            self._spark_session = spark_session_from_config(self.full_config())
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        """Stop the session a run started (dagster-pyspark leaves it running)."""
+        if self._spark_session is not None:
+            self._spark_session.stop()
+            self._spark_session = None

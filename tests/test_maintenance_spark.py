@@ -1,0 +1,146 @@
+"""Spark on K2's catalog: the settings derived from PyIceberg's, and both clients on one table.
+
+Real Spark (local, Iceberg's runtime from Maven Central), real SQLite and PostgreSQL catalogs.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from k2_assets.bronze.ingestion import read_stored_offsets
+from k2_resources.iceberg import IcebergCatalogResource
+from k2_resources.spark import (
+    ICEBERG_AWS_BUNDLE,
+    ICEBERG_SPARK_RUNTIME,
+    POSTGRESQL_JDBC,
+    SQLITE_JDBC,
+    IcebergSparkResource,
+    SparkConfigError,
+    iceberg_spark_config,
+)
+from tests.maintenance_helpers import BRONZE_SPEC, assert_bronze_complete, commit_batches
+from tests.test_tables import postgres_uri  # noqa: F401  (fixture)
+
+
+def test_sqlite_catalog_becomes_a_jdbc_catalog_on_the_same_file() -> None:
+    config = iceberg_spark_config(
+        "k2", {"type": "sql", "uri": "sqlite:////data/k2/catalog.db", "warehouse": "file:///w"}
+    )
+    assert config["spark.sql.catalog.k2"] == "org.apache.iceberg.spark.SparkCatalog"
+    assert config["spark.sql.catalog.k2.type"] == "jdbc"
+    assert config["spark.sql.catalog.k2.uri"] == "jdbc:sqlite:/data/k2/catalog.db"
+    assert config["spark.sql.catalog.k2.warehouse"] == "file:///w"
+    assert config["spark.sql.catalog.k2.jdbc.schema-version"] == "V1"
+    assert config["spark.jars.packages"] == f"{ICEBERG_SPARK_RUNTIME},{SQLITE_JDBC},{POSTGRESQL_JDBC}"
+
+
+def test_postgresql_catalog_keeps_its_credentials_and_s3_settings() -> None:
+    config = iceberg_spark_config(
+        "lake",
+        {
+            "type": "sql",
+            "uri": "postgresql+psycopg2://k2:p%40ss@db.internal:5433/catalog",
+            "warehouse": "s3://bucket/warehouse",
+            "s3.endpoint": "http://minio:9000",
+        },
+    )
+    assert config["spark.sql.catalog.lake.uri"] == "jdbc:postgresql://db.internal:5433/catalog"
+    assert config["spark.sql.catalog.lake.jdbc.user"] == "k2"
+    assert config["spark.sql.catalog.lake.jdbc.password"] == "p@ss"
+    assert config["spark.sql.catalog.lake.s3.endpoint"] == "http://minio:9000"
+    assert config["spark.sql.catalog.lake.io-impl"] == "org.apache.iceberg.aws.s3.S3FileIO"
+    assert config["spark.jars.packages"].split(",") == [
+        ICEBERG_SPARK_RUNTIME,
+        SQLITE_JDBC,
+        POSTGRESQL_JDBC,
+        ICEBERG_AWS_BUNDLE,
+    ]
+
+
+def test_rest_catalog_is_passed_through() -> None:
+    config = iceberg_spark_config(
+        "k2", {"type": "rest", "uri": "https://catalog:8181", "credential": "id:secret"}
+    )
+    assert config["spark.sql.catalog.k2.type"] == "rest"
+    assert config["spark.sql.catalog.k2.uri"] == "https://catalog:8181"
+    assert config["spark.sql.catalog.k2.credential"] == "id:secret"
+    assert config["spark.jars.packages"] == ICEBERG_SPARK_RUNTIME
+
+
+@pytest.mark.parametrize(
+    ("properties", "named"),
+    [
+        ({"type": "sql", "uri": "mysql://db/catalog"}, "catalog uri"),
+        ({"type": "sql", "uri": "sqlite:///:memory:"}, "catalog uri"),
+        ({"type": "glue"}, "(type)"),
+    ],
+)
+def test_unsupported_catalogs_are_refused_naming_the_setting(properties: dict[str, str], named: str) -> None:
+    with pytest.raises(SparkConfigError, match=named):
+        iceberg_spark_config("k2", properties)
+
+
+def test_cluster_or_spark_connect_by_configuration(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    catalog = IcebergCatalogResource(properties={"type": "sql", "uri": f"sqlite:///{tmp_path}/c.db"})
+    assert IcebergSparkResource.from_environment(catalog).full_config()["spark.master"] == "local[*]"
+    monkeypatch.setenv("K2_SPARK_MASTER", "spark://spark-master:7077")
+    assert (
+        IcebergSparkResource.from_environment(catalog).full_config()["spark.master"]
+        == "spark://spark-master:7077"
+    )
+    monkeypatch.delenv("K2_SPARK_MASTER")
+    monkeypatch.setenv("K2_SPARK_REMOTE", "sc://spark-connect:15002")
+    connect = IcebergSparkResource.from_environment(catalog).full_config()
+    assert connect["spark.remote"] == "sc://spark-connect:15002" and "spark.master" not in connect
+    monkeypatch.setenv("K2_SPARK_MASTER", "yarn")
+    with pytest.raises(SparkConfigError, match="K2_SPARK_MASTER"):
+        IcebergSparkResource.from_environment(catalog).full_config()
+
+
+@pytest.fixture()
+def spark_resource(catalog: IcebergCatalogResource) -> Iterator[IcebergSparkResource]:
+    """A Spark session of this test's own (its JDBC driver is a static setting), stopped afterwards."""
+    resource = IcebergSparkResource(iceberg=catalog)
+    yield resource
+    resource.spark_session.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def catalog(request: pytest.FixtureRequest, tmp_path: Path) -> IcebergCatalogResource:
+    (tmp_path / "warehouse").mkdir()
+    uri = (
+        f"sqlite:///{tmp_path}/catalog.db"
+        if request.param == "sqlite"
+        else request.getfixturevalue("postgres_uri")
+    )
+    return IcebergCatalogResource(
+        catalog_name=f"k2{uuid.uuid4().hex[:8]}",
+        properties={"type": "sql", "uri": uri, "warehouse": f"file://{tmp_path}/warehouse"},
+    )
+
+
+def test_spark_reads_and_compacts_what_pyiceberg_wrote(
+    catalog: IcebergCatalogResource, spark_resource: IcebergSparkResource
+) -> None:
+    next_offset = commit_batches(catalog, 12, 50)
+    spark = spark_resource.spark_session
+    name = f"{catalog.catalog_name}.{BRONZE_SPEC.identifier}"
+    assert spark.sql(f"SELECT count(*) AS n FROM {name}").collect()[0].n == next_offset == 600
+    (result,) = spark.sql(
+        f"CALL {catalog.catalog_name}.system.rewrite_data_files(table => '{name}', "
+        "options => map('min-input-files', '2'))"
+    ).collect()
+    assert result.rewritten_data_files_count == 12 and result.added_data_files_count == 1
+    # PyIceberg reads Spark's snapshot back: same rows, offsets tag untouched, one data file.
+    table = catalog.load_table(BRONZE_SPEC)
+    assert table.current_snapshot().summary.operation.value == "replace"
+    assert read_stored_offsets(table) == {0: 600}
+    assert len(list(table.scan().plan_files())) == 1
+    assert_bronze_complete(catalog)
+    # ...and PyIceberg keeps committing on top of it.
+    assert commit_batches(catalog, 1, 50) == 650
+    assert spark.sql(f"SELECT count(*) AS n FROM {name}").collect()[0].n == 650
