@@ -35,6 +35,7 @@ from pyarrow.fs import FileSelector, FileSystem, FileType
 from pyiceberg.exceptions import CommitFailedException
 from pyiceberg.io.pyarrow import PyArrowFileIO
 from pyiceberg.table import Table
+from pyiceberg.table.metadata import TableMetadata
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -44,8 +45,11 @@ T = TypeVar("T")
 # below it.
 MIN_ORPHAN_AGE_MINUTES = 30.0
 DEFAULT_ORPHAN_MIN_AGE_MINUTES = 60.0
-# Snapshots are for time travel and for readers pinned to one; rows are kept by row retention.
+# Snapshots are for time travel and for readers pinned to one for a run; rows are kept by row
+# retention. A snapshot is expired only once it has been superseded for this long, so a run reading
+# a snapshot it pinned never loses a file under it; the floor bounds the runs K2 supports.
 DEFAULT_SNAPSHOT_MAX_AGE_HOURS = 6.0
+MIN_SNAPSHOT_AGE_HOURS = 1.0
 
 
 class MaintenanceConfigError(ValueError):
@@ -54,24 +58,28 @@ class MaintenanceConfigError(ValueError):
 
 @dataclass(frozen=True)
 class MaintenancePolicy:
-    """How long a table keeps rows, snapshots and unreferenced files. Validated on construction.
+    """How long a table keeps rows, snapshots and unreferenced files.
 
     `retention_days` None keeps rows forever (Gold); otherwise rows older than that many whole days
-    are deleted. Snapshots expire after `snapshot_max_age_hours`, independently of row retention.
+    are deleted. Snapshots expire once superseded for `snapshot_max_age_hours`, independently of row
+    retention. Configuration is checked by `validate()`; tests that compress time build policies
+    below the floors directly.
     """
 
     retention_days: int | None
     snapshot_max_age_hours: float = DEFAULT_SNAPSHOT_MAX_AGE_HOURS
     orphan_min_age_minutes: float = DEFAULT_ORPHAN_MIN_AGE_MINUTES
 
-    def __post_init__(self) -> None:
+    def validate(self) -> MaintenancePolicy:
+        """This policy, if no setting could lose rows, files in flight or files a reader pinned."""
         if self.retention_days is not None and self.retention_days < 1:
             raise MaintenanceConfigError(
                 f"retention_days must be at least 1 (a whole day is kept), not {self.retention_days}"
             )
-        if self.snapshot_max_age_hours < 0:
+        if self.snapshot_max_age_hours < MIN_SNAPSHOT_AGE_HOURS:
             raise MaintenanceConfigError(
-                f"snapshot_max_age_hours must not be negative, not {self.snapshot_max_age_hours}"
+                f"snapshot_max_age_hours must be at least {MIN_SNAPSHOT_AGE_HOURS:g}, not "
+                f"{self.snapshot_max_age_hours:g}: a run still reading a younger snapshot would lose its files."
             )
         if self.orphan_min_age_minutes < MIN_ORPHAN_AGE_MINUTES:
             raise MaintenanceConfigError(
@@ -79,6 +87,7 @@ class MaintenancePolicy:
                 f"{self.orphan_min_age_minutes:g}: a write still in flight could be younger than that, "
                 "and deleting its files would corrupt the table when it commits."
             )
+        return self
 
     @property
     def orphan_min_age(self) -> timedelta:
@@ -180,12 +189,33 @@ def orphan_files(table: Table, min_age: timedelta) -> list[tuple[str, int]]:
     return [(path, size) for path, size, mtime in candidates if path not in keep and mtime < metadata_time]
 
 
-def expire_snapshots(table: Table, older_than: datetime) -> int:
-    """Expire unprotected snapshots older than `older_than` (branch and tag heads stay); returns how many."""
+def expirable_snapshots(metadata: TableMetadata, superseded_before: datetime) -> list[int]:
+    """Snapshots superseded before the cut-off that no branch or tag points at.
+
+    A snapshot stops being read by new scans when the next one becomes current (the snapshot log),
+    not when it was written: an hourly table's last snapshot may be days old and still current a
+    minute ago. Snapshots never current on main count from their own time. Expired snapshots' log
+    entries are gone, so a retained predecessor looks superseded later than it was: conservative.
+    """
+    cutoff = superseded_before.timestamp() * 1000
+    protected = {ref.snapshot_id for ref in metadata.refs.values()}
+    log = metadata.snapshot_log
+    superseded = {entry.snapshot_id: later.timestamp_ms for entry, later in zip(log, log[1:], strict=False)}
+    return [
+        s.snapshot_id
+        for s in metadata.snapshots
+        if s.snapshot_id not in protected and superseded.get(s.snapshot_id, s.timestamp_ms) < cutoff
+    ]
+
+
+def expire_snapshots(table: Table, superseded_before: datetime) -> int:
+    """Expire snapshots superseded before the cut-off (branch and tag heads stay); returns how many."""
     before = {s.snapshot_id for s in table.metadata.snapshots}
 
     def expire(t: Table) -> Table:
-        t.maintenance.expire_snapshots().older_than(older_than).commit()
+        ids = expirable_snapshots(t.metadata, superseded_before)
+        if ids:
+            t.maintenance.expire_snapshots().by_ids(ids).commit()
         return t.refresh()
 
     table = retry_on_conflict(table, expire)
@@ -193,7 +223,8 @@ def expire_snapshots(table: Table, older_than: datetime) -> int:
 
 
 def reclaim_storage(table: Table, expire_older_than: datetime, orphan_min_age: timedelta) -> ReclaimReport:
-    """Expire old snapshots (protecting branch/tag heads), then delete the files nothing references."""
+    """Expire snapshots superseded before `expire_older_than` (protecting branch/tag heads), then
+    delete the files nothing references."""
     expired = expire_snapshots(table, expire_older_than)
     orphans = orphan_files(table, orphan_min_age)
     fs = _filesystem(table) if orphans else None

@@ -17,8 +17,14 @@ from pyiceberg.manifest import ManifestFile
 
 import k2_resources.iceberg_maintenance as maintenance
 from k2_assets.bronze.ingestion import FencedError, read_stored_offsets
+from k2_assets.bronze.jobs import apply_bronze_retention
 from k2_assets.bronze.tables import OFFSETS_TAG
-from k2_resources.iceberg_maintenance import expire_snapshots, reclaim_storage, referenced_files
+from k2_resources.iceberg_maintenance import (
+    MaintenancePolicy,
+    expire_snapshots,
+    reclaim_storage,
+    referenced_files,
+)
 from tests.maintenance_helpers import (
     BRONZE_SPEC,
     CommitterThread,
@@ -166,16 +172,13 @@ def test_retention_job_deletes_old_rows_and_reclaims_their_files(home: Path) -> 
     assert rows.num_rows == 3_000
     assert pc.min(rows["ingestion_date"]).as_py() > (old_day + timedelta(days=1)).date()
 
-    # Hours later: every snapshot but the heads expires, and files written long enough ago that
-    # nothing references any more are deleted.
+    # Hours later (time compressed below the configurable floors): every snapshot but the heads
+    # expires, and files written long enough ago that nothing references any more are deleted.
     table = catalog.load_table(BRONZE_SPEC)
     location = Path(table.location().removeprefix("file://"))
     age_files(location, timedelta(hours=2))
-    with dg.DagsterInstance.ephemeral() as instance:
-        result = retention_run(instance, retention_days=7, snapshot_max_age_hours=0)
-        assert result.success
-        (materialization,) = result.asset_materializations_for_node(RETENTION_OP)
-    assert materialization.metadata["deleted_files"].value > 0
+    reclaimed = apply_bronze_retention(table, MaintenancePolicy(7, 0, 30), datetime.now(UTC))
+    assert reclaimed["deleted_files"] > 0 and reclaimed["expired_snapshots"] == 3
     table = catalog.load_table(BRONZE_SPEC)
     assert OFFSETS_TAG in table.metadata.refs
     assert read_stored_offsets(table) == offsets_before
@@ -196,6 +199,7 @@ def test_retention_job_deletes_old_rows_and_reclaims_their_files(home: Path) -> 
         ({"orphan_min_age_minutes": 29}, "orphan_min_age_minutes"),
         ({"orphan_min_age_minutes": -60}, "orphan_min_age_minutes"),
         ({"snapshot_max_age_hours": -1}, "snapshot_max_age_hours"),
+        ({"snapshot_max_age_hours": 0.5}, "snapshot_max_age_hours"),
     ],
 )
 def test_destructive_retention_config_is_refused_naming_the_setting(
@@ -217,19 +221,21 @@ def test_destructive_retention_config_is_refused_naming_the_setting(
     assert len(table.metadata.snapshots) == snapshots
 
 
-def test_committer_is_not_fenced_by_retention_run_beside_it(home: Path) -> None:
-    """The Dagster retention run commits (row delete, expiry) while a committer keeps going."""
+def test_committer_is_not_fenced_by_retention_beside_it(home: Path) -> None:
+    """Retention commits (row delete, expiry) while a committer keeps going: neither is fenced."""
     catalog = sqlite_catalog(home)
     commit_batches(catalog, 5, 100, when=datetime.now(UTC) - timedelta(days=9))
     commit_batches(catalog, 5, 100)
     committer = CommitterThread(home, rows=10, pause_seconds=0.02)
     committer.start()
     try:
-        with dg.DagsterInstance.ephemeral() as instance:
-            result = retention_run(instance, retention_days=7, snapshot_max_age_hours=0)
+        time.sleep(0.3)
+        reclaimed = apply_bronze_retention(
+            catalog.load_table(BRONZE_SPEC), MaintenancePolicy(7, 0, 30), datetime.now(UTC)
+        )
     finally:
         committer.stop()
-    assert result.success
+    assert reclaimed["deleted_rows"] == 500 and reclaimed["expired_snapshots"] > 0
     assert committer.error is None, repr(committer.error)
     assert committer.commits > 0
     table = catalog.load_table(BRONZE_SPEC)

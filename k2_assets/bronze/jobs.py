@@ -8,6 +8,7 @@ import dagster as dg
 from pydantic import Field
 from pyiceberg.expressions import LessThan
 from pyiceberg.table import Table
+from pyiceberg.table.snapshots import ancestors_of
 
 from k2_assets.bronze.assets import bronze_asset_key
 from k2_assets.bronze.ingestion import CommitReport, IngestionSettings, TopicIngestion
@@ -18,6 +19,7 @@ from k2_resources.iceberg_maintenance import (
     DEFAULT_ORPHAN_MIN_AGE_MINUTES,
     DEFAULT_SNAPSHOT_MAX_AGE_HOURS,
     MIN_ORPHAN_AGE_MINUTES,
+    MIN_SNAPSHOT_AGE_HOURS,
     MaintenancePolicy,
     reclaim_storage,
     retry_on_conflict,
@@ -126,7 +128,8 @@ class BronzeRetentionConfig(dg.Config):
     retention_days: int | None = Field(None, description="Default: the exchange's Bronze retention (days).")
     snapshot_max_age_hours: float = Field(
         DEFAULT_SNAPSHOT_MAX_AGE_HOURS,
-        description="Expire snapshots older than this; the offsets tag's snapshot never expires.",
+        description=f"Expire snapshots superseded this long ago (at least {MIN_SNAPSHOT_AGE_HOURS:g}); the "
+        "offsets tag's snapshot never expires.",
     )
     orphan_min_age_minutes: float = Field(
         DEFAULT_ORPHAN_MIN_AGE_MINUTES,
@@ -136,30 +139,35 @@ class BronzeRetentionConfig(dg.Config):
     def policy(self, exchange: ExchangeConfig) -> MaintenancePolicy:
         """The validated policy: refuses settings that would lose rows or delete files in flight."""
         days = self.retention_days if self.retention_days is not None else exchange.retention_days
-        return MaintenancePolicy(days, self.snapshot_max_age_hours, self.orphan_min_age_minutes)
+        return MaintenancePolicy(days, self.snapshot_max_age_hours, self.orphan_min_age_minutes).validate()
 
 
 def apply_bronze_retention(table: Table, policy: MaintenancePolicy, now: datetime) -> dict[str, int | float]:
     """Delete rows older than the retention, expire old snapshots, delete files nothing references."""
-    rows_before = table.scan().count()
     cutoff = policy.rows_expire_before(now)
     assert cutoff is not None, "Bronze always has a row retention"
 
-    def delete_old(t: Table) -> Table:
+    def delete_old(t: Table) -> tuple[Table, int]:
+        before = t.current_snapshot()
         t.delete(
             LessThan("ingestion_date", cutoff.date().isoformat()),
             snapshot_properties={"k2.retention": "rows"},
         )
-        return t.refresh()
+        # Counted from the delete's own snapshots: ingestion may commit rows meanwhile.
+        deleted = 0
+        for snapshot in ancestors_of(t.current_snapshot(), t.metadata):
+            if before is not None and snapshot.snapshot_id == before.snapshot_id:
+                break
+            deleted += int(snapshot.summary.get("deleted-records", 0))
+        return t.refresh(), deleted
 
-    table = retry_on_conflict(table, delete_old)
-    rows_after = table.scan().count()
+    table, deleted_rows = retry_on_conflict(table, delete_old)
     reclaimed = reclaim_storage(table, policy.snapshots_expire_before(now), policy.orphan_min_age)
     return {
         "retention_days": policy.retention_days or 0,
         "snapshot_max_age_hours": policy.snapshot_max_age_hours,
-        "deleted_rows": rows_before - rows_after,
-        "rows": rows_after,
+        "deleted_rows": deleted_rows,
+        "rows": table.scan().count(),
         "expired_snapshots": reclaimed.expired_snapshots,
         "deleted_files": reclaimed.deleted_files,
         "deleted_bytes": reclaimed.deleted_bytes,
