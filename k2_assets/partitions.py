@@ -68,7 +68,12 @@ def hourly_automation(complete_at_minute: int) -> dg.AutomationCondition:
     quiet = (
         ~dg.AutomationCondition.in_progress() & ~dg.AutomationCondition.any_deps_in_progress()
     ).with_label("nothing of it or its dependencies in progress")
-    return ((refresh | completion_due) & quiet).with_label(
+    # A dependency whose blocking check failed (e.g. Silver's DLQ rate above the fail rate) holds it back.
+    # (Unlike all_deps_blocking_checks_passed, a check that has not run yet does not hold anything back.)
+    inputs_sound = ~dg.AutomationCondition.any_deps_match(
+        dg.AutomationCondition.any_checks_match(dg.AutomationCondition.check_failed(), blocking_only=True)
+    ).with_label("no blocking check of a dependency failed")
+    return ((refresh | completion_due) & quiet & inputs_sound).with_label(
         f"refresh the running hour every 5 min; complete each closed hour from :{complete_at_minute:02d} "
         "once nothing it depends on is in progress"
     )

@@ -65,11 +65,42 @@ def start_run(instance: dg.DagsterInstance, keys: set[dg.AssetKey], partition: s
     )
 
 
-def finish(instance: dg.DagsterInstance, run: dg.DagsterRun) -> None:
-    """The run ends (it succeeded): nothing of it is in progress any more."""
+def record_results(
+    instance: dg.DagsterInstance, run: dg.DagsterRun, checks_pass: bool = True, metadata: dict | None = None
+) -> None:
+    """What the run records as it works: its materialisations (with `metadata`), then its checks."""
+    from dagster._core.events import StepMaterializationData
+
+    partition = run.tags["dagster/partition"]
+
+    def record(event_type: dg.DagsterEventType, data) -> None:
+        event = dg.DagsterEvent(
+            event_type_value=event_type.value, job_name=run.job_name, event_specific_data=data
+        )
+        instance.report_dagster_event(event, run_id=run.run_id)
+
+    for key in sorted(run.asset_selection, key=str):
+        materialization = dg.AssetMaterialization(asset_key=key, partition=partition, metadata=metadata)
+        record(dg.DagsterEventType.ASSET_MATERIALIZATION, StepMaterializationData(materialization))
+        for spec in defs.resolve_assets_def(key).check_specs:
+            if spec.asset_key == key:
+                evaluation = dg.AssetCheckEvaluation(
+                    asset_key=key, check_name=spec.name, passed=checks_pass, partition=partition
+                )
+                record(dg.DagsterEventType.ASSET_CHECK_EVALUATION, evaluation)
+
+
+def end(instance: dg.DagsterInstance, run: dg.DagsterRun) -> None:
+    """The run is over: nothing of it is in progress any more."""
     event = dg.DagsterEvent(event_type_value=dg.DagsterEventType.RUN_SUCCESS.value, job_name=run.job_name)
     instance.report_dagster_event(event, run_id=run.run_id)
     assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.SUCCESS
+
+
+def finish(instance: dg.DagsterInstance, run: dg.DagsterRun, checks_pass: bool = True) -> None:
+    """The run records its materialisations and check results, and ends."""
+    record_results(instance, run, checks_pass)
+    end(instance, run)
 
 
 SILVER_BINANCE = {SILVER, dg.AssetKey(["silver_dlq_trades", "binance"])}
@@ -135,3 +166,19 @@ def test_a_completion_delayed_past_the_next_hour_still_happens() -> None:
         finish(instance, stuck)
         result = tick(instance, at(12, 31), result.cursor)
         assert requested(result, SILVER) == {"2026-11-23-10:00"}
+
+
+def test_a_failed_blocking_check_on_silver_holds_gold_back_until_silver_is_sound() -> None:
+    """Silver 10:00 with its DLQ rate above the fail rate (a misaddressed registry, say): Gold 10:00 is
+    not completed from it; once a fixed Silver run passes, the remembered completion goes ahead."""
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = tick(instance, at(11, 2))
+        result = tick(instance, at(11, 6), result.cursor)
+        finish(instance, start_run(instance, SILVER_BINANCE, "2026-11-23-10:00"), checks_pass=False)
+        result = tick(instance, at(11, 10, 30), result.cursor)
+        assert "2026-11-23-10:00" not in requested(result, GOLD)
+        result = tick(instance, at(11, 20, 30), result.cursor)
+        assert "2026-11-23-10:00" not in requested(result, GOLD)
+        finish(instance, start_run(instance, SILVER_BINANCE, "2026-11-23-10:00"))  # re-run after the fix
+        result = tick(instance, at(11, 21), result.cursor)
+        assert requested(result, GOLD) == {"2026-11-23-10:00"}

@@ -136,6 +136,26 @@ def test_a_dlq_replay_requests_the_hours_of_the_rows_it_added() -> None:
         assert sensor.tick() == [p]
 
 
+def test_silver_from_a_run_still_going_or_failing_a_blocking_check_is_not_used() -> None:
+    """A Silver run's blocking checks come after its materialisation: wait for the run; a failed check
+    (e.g. DLQ rate above the fail rate) keeps Gold as it was; a sound re-run is used."""
+    from tests.test_automation import SILVER_BINANCE, end, record_results, start_run
+
+    with dg.DagsterInstance.ephemeral() as instance:
+        sensor = Sensor(instance)
+        p = hour(20)
+        counts = {EVENT_HOURS: dg.MetadataValue.json({p: 10}), PASS_PARTITIONS: 1}
+        bad = start_run(instance, SILVER_BINANCE, p)
+        record_results(instance, bad, checks_pass=False, metadata=counts)
+        assert sensor.tick() == []  # the run has not finished: its checks may still come
+        end(instance, bad)
+        assert sensor.tick() == []  # it failed a blocking check: Gold is not rebuilt from it
+        fixed = start_run(instance, SILVER_BINANCE, p)
+        record_results(instance, fixed, metadata=counts)
+        end(instance, fixed)
+        assert sensor.tick() == [p]
+
+
 def test_150_late_hours_at_once_are_all_requested_over_ticks() -> None:
     with dg.DagsterInstance.ephemeral() as instance:
         sensor = Sensor(instance)

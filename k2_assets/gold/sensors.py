@@ -34,6 +34,7 @@ from k2_assets.gold.assets import GOLD_KEY, SILVER_READ_AT
 from k2_assets.partitions import hour_start, hourly_partitions
 from k2_assets.resources import automation_status
 from k2_assets.silver.assets import EVENT_HOURS, EVENT_HOURS_ADDED, PASS_PARTITIONS, silver_asset_key
+from k2_assets.silver.checks import BLOCKING_CHECKS
 from k2_resources.exchanges import EXCHANGES
 
 MAX_REQUESTS_PER_TICK = 100
@@ -143,6 +144,33 @@ def gold_in_progress(instance: dg.DagsterInstance, hour: str) -> bool:
     return any(GOLD_KEY in (r.dagster_run.asset_selection or ()) for r in runs)
 
 
+def silver_usable(instance: dg.DagsterInstance, record: dg.EventLogRecord) -> bool | None:
+    """Whether Gold may be computed from this Silver materialisation; None while its run is going.
+
+    Its blocking checks are evaluated after the materialisation is recorded, in the same run, so the
+    run must have finished before they can be known. A failed one (conservation, or a DLQ rate above
+    the fail rate) holds Gold back: Gold keeps what it had, and a fixed Silver run is seen afresh.
+    """
+    if not record.run_id:
+        return True  # recorded outside a run
+    run = instance.get_run_by_id(record.run_id)
+    if run is not None and not run.is_finished:
+        return None
+    evaluations = instance.get_records_for_run(
+        record.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION
+    ).records
+    for evaluation_record in evaluations:
+        evaluation = evaluation_record.event_log_entry.dagster_event.event_specific_data
+        if (
+            evaluation.asset_key == record.asset_key
+            and evaluation.check_name in BLOCKING_CHECKS
+            and not evaluation.passed
+            and evaluation.severity == dg.AssetCheckSeverity.ERROR
+        ):
+            return False
+    return True
+
+
 def collect(context: dg.SensorEvaluationContext, cursor: dict) -> None:
     """Fold new Silver materialisations into `cursor["pending"]` (hour -> Silver change time)."""
     after, pending = cursor.setdefault("after", {}), cursor.setdefault("pending", {})
@@ -154,8 +182,12 @@ def collect(context: dg.SensorEvaluationContext, cursor: dict) -> None:
             ascending=True,
         )
         for record in result.records:
-            for hour, since in changed_hours(context.instance, record).items():
-                pending[hour] = max(pending.get(hour, 0.0), since)
+            usable = silver_usable(context.instance, record)
+            if usable is None:
+                break  # its run is still going: look again next tick, from here
+            if usable:
+                for hour, since in changed_hours(context.instance, record).items():
+                    pending[hour] = max(pending.get(hour, 0.0), since)
             after[name] = record.storage_id
 
 

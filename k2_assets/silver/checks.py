@@ -1,4 +1,4 @@
-"""Checks on every Silver partition: conservation (blocking) and the DLQ rate.
+"""Checks on every Silver partition: conservation and the DLQ rate, both blocking Gold when they fail.
 
 Conservation is the promise the predecessor broke when rows whose validity was NULL vanished from
 both outputs: every Bronze row of the partition's window, in the Bronze snapshot that was read, is
@@ -15,6 +15,7 @@ from k2_resources.exchanges import ExchangeConfig
 
 CONSERVATION = "bronze_rows_equal_silver_plus_dlq"
 DLQ_RATE = "dlq_rate_within_limits"
+BLOCKING_CHECKS = (CONSERVATION, DLQ_RATE)
 
 
 def silver_check_specs(silver_key: dg.AssetKey) -> list[dg.AssetCheckSpec]:
@@ -25,10 +26,14 @@ def silver_check_specs(silver_key: dg.AssetKey) -> list[dg.AssetCheckSpec]:
             blocking=True,
             description="Bronze rows of the partition's window (in the Bronze snapshot read) = Silver rows + DLQ rows.",
         ),
+        # Blocking: above the exchange's fail rate the partition is suspect (a misaddressed registry sends
+        # everything to the DLQ while conservation holds), and Gold must not replace hours with it.
         dg.AssetCheckSpec(
             DLQ_RATE,
             asset=silver_key,
-            description="Share of the partition's Bronze rows sent to the DLQ: warn and fail limits per exchange.",
+            blocking=True,
+            description="Share of the partition's Bronze rows sent to the DLQ: warns above the exchange's warn "
+            "rate; above its fail rate fails the run and holds Gold back.",
         ),
     ]
 

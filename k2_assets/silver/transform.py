@@ -105,12 +105,29 @@ class WriterSchema:
     quantity_scale: int = SILVER_SCALE
 
 
+# The Schema Registry's error code for "schema not found" (HTTP 404 carries many other meanings).
+SCHEMA_NOT_FOUND = 40403
+
+
+class RegistryUnusable(RuntimeError):
+    """The registry answered something other than a schema or "schema not found" (40403)."""
+
+    def __init__(self, schema_id: int, err: SchemaRegistryError) -> None:
+        super().__init__(
+            f"The Schema Registry (K2_SCHEMA_REGISTRY_URL) answered HTTP {err.http_status_code}, error code "
+            f"{err.error_code} ({err.error_message}) when asked for schema id {schema_id}. Only error code "
+            f"{SCHEMA_NOT_FOUND} means the id is unknown; anything else (a wrong base path, a proxy, another "
+            "service) would send every record to the DLQ, so the run stops instead."
+        )
+
+
 class WriterSchemas:
     """Schema id -> writer schema through the Schema Registry, cached for the life of this object.
 
-    Unknown ids (the registry answers 404) are cached as None too, so a topic full of records with a
-    bad id costs one registry call. Any other registry error propagates: an unreachable registry must
-    fail the run, not send every record to the DLQ.
+    Unknown ids (the registry answers 404 with error code 40403, "schema not found") are cached as
+    None too, so a topic full of records with a bad id costs one registry call. Any other registry
+    answer fails the run (RegistryUnusable), a 404 without that code included: an unreachable or
+    misaddressed registry must not send every record to the DLQ.
     """
 
     def __init__(self, client: SchemaRegistryClient) -> None:
@@ -127,9 +144,9 @@ class WriterSchemas:
         try:
             registered = self._client.get_schema(schema_id)
         except SchemaRegistryError as err:
-            if err.http_status_code == 404:
+            if err.http_status_code == 404 and err.error_code == SCHEMA_NOT_FOUND:
                 return None
-            raise
+            raise RegistryUnusable(schema_id, err) from err
         return prepare_writer_schema(
             schema_id, registered.schema_str, registered.schema_type or "AVRO", registered.references
         )
