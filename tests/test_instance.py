@@ -18,7 +18,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +38,7 @@ from k2_assets.instance import (
 from k2_resources.settings import read_env_file
 from tests.conftest import k2, k2_env
 from tests.test_ci_launch import (
+    DAGSTER_BIN,
     DagsterServices,
     dagster_services,
     free_port,
@@ -46,6 +47,7 @@ from tests.test_ci_launch import (
     instance_environment,
     location_loaded,
     retry_decision,
+    start_service,
     stop_group,
     submit_run,
     wait_for,
@@ -190,6 +192,138 @@ def test_postgres_instance_serves_webserver_and_daemon(
         assert cursor.fetchall() == [("SUCCESS",)]
         cursor.execute("SELECT count(*) FROM event_logs WHERE run_id = %s", (run_id,))
         assert cursor.fetchone()[0] > 5
+
+
+# --------------------------------------------------------------------------------------------------
+# PostgreSQL + a code server of its own (the Docker topology): a killed code server
+# --------------------------------------------------------------------------------------------------
+
+START_SENSOR = """
+mutation($name: String!) { startSensor(sensorSelector: {repositoryLocationName: "k2",
+  repositoryName: "__repository__", sensorName: $name}) { __typename } }
+"""
+
+
+def start_code_server(port: int, env: dict[str, str], log: Path) -> subprocess.Popen:
+    """`dagster code-server start`, as docker/Dockerfile runs `k2-code`: it executes the runs."""
+    command = [str(DAGSTER_BIN / "dagster"), "code-server", "start", "-h", "127.0.0.1", "-p", str(port)]
+    command += ["-m", "k2_assets.definitions", "-a", "defs", "--location-name", "k2"]
+    return start_service(command, env, log)
+
+
+def code_server_serving(port: int) -> bool:
+    """The health check docker-compose.yml gives `k2-code`."""
+    command = [str(DAGSTER_BIN / "dagster"), "api", "grpc-health-check", "-p", str(port)]
+    return subprocess.run(command, capture_output=True, timeout=60).returncode == 0
+
+
+@contextmanager
+def grpc_topology(env: dict[str, str], logs: Path) -> Iterator[tuple[int, int, list[subprocess.Popen]]]:
+    """Code server + webserver + daemon on a gRPC workspace: (webserver port, code port, processes)."""
+    logs.mkdir(parents=True, exist_ok=True)
+    code_port, web_port = free_port(), free_port()
+    workspace = logs / "workspace.yaml"
+    workspace.write_text(
+        yaml.safe_dump(
+            {"load_from": [{"grpc_server": {"host": "127.0.0.1", "port": code_port, "location_name": "k2"}}]}
+        )
+    )
+    processes = [start_code_server(code_port, env, logs / "code-1.log")]
+    wait_for(lambda: code_server_serving(code_port), 180, "the code server to serve", 2.0)
+    web = [
+        str(DAGSTER_BIN / "dagster-webserver"),
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(web_port),
+        "-w",
+        str(workspace),
+    ]
+    processes.append(start_service(web, env, logs / "webserver.log"))
+    processes.append(
+        start_service(
+            [str(DAGSTER_BIN / "dagster-daemon"), "run", "-w", str(workspace)], env, logs / "daemon.log"
+        )
+    )
+    try:
+        wait_for(lambda: location_loaded(web_port), 180, "the webserver to load k2 from the code server", 2.0)
+        yield web_port, code_port, processes
+    except BaseException:
+        for log in sorted(logs.glob("*.log")):
+            print(
+                f"--- {log.name} ---\n" + "\n".join(log.read_text(errors="replace").splitlines()[-30:]),
+                file=sys.stderr,
+            )
+        raise
+    finally:
+        for process in processes:
+            stop_group(process)
+
+
+def ingestion_runs(instance: dg.DagsterInstance, exchange: str) -> list[dg.DagsterRun]:
+    return [
+        r.dagster_run
+        for r in instance.get_run_records(filters=dg.RunsFilter(tags={"k2/ingestion": exchange}))
+    ]
+
+
+def test_a_killed_code_server_fails_its_runs_and_ingestion_resumes(
+    devstack_home: Path, scratch_database: str, tmp_path: Path
+) -> None:
+    """kill -9 of the code server (what an upgrade or an OOM does to `k2-code`) with two ingestion runs in
+    flight: both are failed within a bound, their slots free up, and ingestion resumes by itself."""
+    home = tmp_path / "k2home"
+    settings = {
+        **read_env_file(devstack_home / "devstack.env"),
+        "K2_DAGSTER_PG_HOST": PG_HOST,
+        "K2_DAGSTER_PG_PORT": PG_PORT,
+        "K2_DAGSTER_PG_USER": PG_USER,
+        "K2_DAGSTER_PG_PASSWORD": "",
+        "K2_DAGSTER_PG_DB": scratch_database,
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in {**settings, "K2_HOME": "", "DAGSTER_HOME": ""}.items():
+            patch.setenv(key, value)
+        prepare_dagster_home(home, postgres=True)
+        env = k2_env(home, K2_AUTOMATION="off", **settings)
+        with (
+            grpc_topology(env, tmp_path / "logs") as (port, code_port, processes),
+            dg.DagsterInstance.get() as instance,
+        ):
+            graphql(port, START_SENSOR, {"name": "bronze_binance_ingestion_sensor"})
+            kraken = submit_run(port, "bronze_kraken_ingestion", ingestion_config("kraken", False, 900))
+            binance = wait_for(lambda: ingestion_runs(instance, "binance"), 120, "the sensor's binance run")[
+                0
+            ]
+            for run_id in (kraken, binance.run_id):
+                wait_for(lambda r=run_id: run_worker_pid(instance, r), 180, f"run {run_id} to start its step")
+
+            kill_tree(processes[0].pid)  # the code server, its run workers with it
+            killed_at = time.monotonic()
+            processes[0] = start_code_server(code_port, env, tmp_path / "logs" / "code-2.log")
+
+            def both_failed() -> bool:
+                statuses = {instance.get_run_by_id(r).status for r in (kraken, binance.run_id)}
+                return statuses == {dg.DagsterRunStatus.FAILURE}
+
+            wait_for(both_failed, 300, "the orphaned runs to be failed", 5.0)
+            failed_within = time.monotonic() - killed_at
+            texts = "\n".join(event_texts(instance, kraken))
+            assert "worker process" in texts and "no longer exists" in texts, texts[-2000:]
+
+            def resumed() -> dg.DagsterRun | None:
+                later = [r for r in ingestion_runs(instance, "binance") if r.run_id != binance.run_id]
+                return next((r for r in later if r.status == dg.DagsterRunStatus.STARTED), None)
+
+            again = wait_for(resumed, 300, "a new binance ingestion run to be started", 5.0)
+            assert again.tags.get("k2/ingestion") == "binance"
+            assert wait_for(
+                lambda: run_worker_pid(instance, again.run_id), 120, "the new run's step to start"
+            )
+            print(
+                f"orphaned runs failed {failed_within:.0f} s after the kill; binance resumed in {again.run_id}"
+            )
+    assert failed_within < 300
 
 
 # --------------------------------------------------------------------------------------------------
