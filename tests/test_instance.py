@@ -163,18 +163,23 @@ def scratch_database() -> Iterator[str]:
             cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def test_postgres_instance_serves_webserver_and_daemon(
-    devstack_home: Path, scratch_database: str, tmp_path: Path
-) -> None:
-    home = tmp_path / "k2home"
-    settings = {
+def postgres_settings(devstack_home: Path, database: str) -> dict[str, str]:
+    """The dev stack's settings plus the instance's PostgreSQL settings for `database`."""
+    return {
         **read_env_file(devstack_home / "devstack.env"),
         "K2_DAGSTER_PG_HOST": PG_HOST,
         "K2_DAGSTER_PG_PORT": PG_PORT,
         "K2_DAGSTER_PG_USER": PG_USER,
         "K2_DAGSTER_PG_PASSWORD": "",
-        "K2_DAGSTER_PG_DB": scratch_database,
+        "K2_DAGSTER_PG_DB": database,
     }
+
+
+def test_postgres_instance_serves_webserver_and_daemon(
+    devstack_home: Path, scratch_database: str, tmp_path: Path
+) -> None:
+    home = tmp_path / "k2home"
+    settings = postgres_settings(devstack_home, scratch_database)
     with pytest.MonkeyPatch.context() as patch:
         for key, value in {**settings, "K2_HOME": "", "DAGSTER_HOME": ""}.items():
             patch.setenv(key, value)
@@ -273,14 +278,7 @@ def test_a_killed_code_server_fails_its_runs_and_ingestion_resumes(
     """kill -9 of the code server (what an upgrade or an OOM does to `k2-code`) with two ingestion runs in
     flight: both are failed within a bound, their slots free up, and ingestion resumes by itself."""
     home = tmp_path / "k2home"
-    settings = {
-        **read_env_file(devstack_home / "devstack.env"),
-        "K2_DAGSTER_PG_HOST": PG_HOST,
-        "K2_DAGSTER_PG_PORT": PG_PORT,
-        "K2_DAGSTER_PG_USER": PG_USER,
-        "K2_DAGSTER_PG_PASSWORD": "",
-        "K2_DAGSTER_PG_DB": scratch_database,
-    }
+    settings = postgres_settings(devstack_home, scratch_database)
     with pytest.MonkeyPatch.context() as patch:
         for key, value in {**settings, "K2_HOME": "", "DAGSTER_HOME": ""}.items():
             patch.setenv(key, value)

@@ -4,27 +4,18 @@ record to the DLQ. Real HTTP servers: the dev stack's registry in this process, 
 
 from __future__ import annotations
 
-import io
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import fastavro
-import pyarrow as pa
 import pytest
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 
-from k2_assets.bronze.tables import BRONZE_SCHEMA
 from k2_assets.silver.rules import ValidationRules
 from k2_assets.silver.transform import RegistryUnusable, WriterSchemas, transform_batches
 from k2_resources.devstack.registry import SchemaStore, start_registry_server
-from k2_resources.exchanges import exchange
-from k2_resources.trade_schema import trade_v2_schema, trade_v2_schema_str
-
-BINANCE = exchange("binance")
-INGESTED = datetime(2026, 11, 23, 10, 30, tzinfo=UTC)
+from k2_resources.trade_schema import trade_v2_schema_str
+from tests.test_silver_transform import BINANCE, NOW, bronze, framed, trade
 
 
 @pytest.fixture()
@@ -65,55 +56,11 @@ def client(url: str) -> SchemaRegistryClient:
     return SchemaRegistryClient({"url": url, "max.retries": 0})
 
 
-def framed(schema_id: int) -> bytes:
-    """A valid V2 trade in Confluent wire format under `schema_id`."""
-    record = {
-        "message_id": "0b6a3c1e-6f7d-4a52-9a1e-3f0c2d9b8e71",
-        "trade_id": "BINANCE-1",
-        "symbol": "BTCUSDT",
-        "exchange": "BINANCE",
-        "asset_class": "crypto",
-        "timestamp": INGESTED - timedelta(seconds=1),
-        "price": Decimal("67000.12345678"),
-        "quantity": Decimal("0.00100000"),
-        "currency": "USDT",
-        "side": "BUY",
-        "trade_conditions": [],
-        "source_sequence": None,
-        "ingestion_timestamp": INGESTED - timedelta(seconds=1),
-        "platform_sequence": 1,
-        "vendor_data": None,
-    }
-    out = io.BytesIO(b"\x00" + schema_id.to_bytes(4, "big"))
-    out.seek(5)
-    fastavro.schemaless_writer(out, fastavro.parse_schema(trade_v2_schema()), record)
-    return out.getvalue()
-
-
-def bronze(values: list[bytes]) -> pa.RecordBatch:
-    n = len(values)
-    return pa.RecordBatch.from_pydict(
-        {
-            "raw_bytes": values,
-            "message_key": [b"k"] * n,
-            "topic": [BINANCE.topic] * n,
-            "partition": [0] * n,
-            "offset": list(range(n)),
-            "kafka_timestamp": [INGESTED - timedelta(seconds=1)] * n,
-            "ingestion_timestamp": [INGESTED] * n,
-            "ingestion_date": [INGESTED.date()] * n,
-        },
-        schema=BRONZE_SCHEMA.as_arrow(),
-    )
-
-
 def transform(url: str, values: list[bytes]) -> tuple[int, list[str]]:
     """Silver rows, and the DLQ categories, of one Bronze batch through the registry at `url`."""
     silver_rows, categories = 0, []
     schemas = WriterSchemas(client(url))
-    for silver, dlq in transform_batches(
-        [bronze(values)], BINANCE, schemas, ValidationRules(), "p", INGESTED
-    ):
+    for silver, dlq in transform_batches([bronze(values)], BINANCE, schemas, ValidationRules(), "p", NOW):
         silver_rows += silver.num_rows
         categories += dlq.column("error_category").to_pylist()
     return silver_rows, categories
@@ -122,7 +69,10 @@ def transform(url: str, values: list[bytes]) -> tuple[int, list[str]]:
 def test_schema_not_found_is_an_unknown_id_and_a_registered_one_decodes(registry_url: str) -> None:
     schema_id = client(registry_url).register_schema(BINANCE.subject, Schema(trade_v2_schema_str(), "AVRO"))
     unknown = schema_id + 1000
-    assert transform(registry_url, [framed(schema_id), framed(unknown)]) == (1, ["UNKNOWN_SCHEMA_ID"])
+    assert transform(registry_url, [framed(schema_id, trade()), framed(unknown, trade())]) == (
+        1,
+        ["UNKNOWN_SCHEMA_ID"],
+    )
 
 
 @pytest.mark.parametrize("where", ["wrong_base_path", "other_service"])
@@ -131,6 +81,6 @@ def test_any_other_404_fails_the_run_and_names_the_setting(
 ) -> None:
     url = f"{registry_url}/wrong-prefix" if where == "wrong_base_path" else other_service
     with pytest.raises(RegistryUnusable) as raised:
-        transform(url, [framed(1)])
+        transform(url, [framed(1, trade())])
     message = str(raised.value)
     assert "K2_SCHEMA_REGISTRY_URL" in message and "404" in message and "40403" in message
