@@ -516,8 +516,8 @@ VALIDATION_CASES: dict[str, tuple[str, dict[str, Any], str]] = {
     ),
     "trade too old": (
         "VALIDATION_TIMESTAMP",
-        {"timestamp": INGESTED - timedelta(days=7, microseconds=1)},
-        "timestamp 2026-11-16T09:59:59.999999+00:00 is 7 days, 0:00:00.000001 before bronze ingestion (max_age)",
+        {"timestamp": INGESTED - timedelta(days=365, microseconds=1)},
+        "timestamp 2025-11-23T09:59:59.999999+00:00 is 365 days, 0:00:00.000001 before bronze ingestion (max_age)",
     ),
 }
 
@@ -551,7 +551,7 @@ def test_trade_time_far_from_the_kafka_timestamp_is_rejected(
 
 def test_times_exactly_at_the_bounds_pass(registry: SchemaRegistryClient, v2_id: int) -> None:
     ahead = INGESTED + timedelta(minutes=5)
-    old = INGESTED - timedelta(days=7)
+    old = INGESTED - timedelta(days=365)
     values = [framed(v2_id, trade(timestamp=ahead)), framed(v2_id, trade(timestamp=old))]
     [(_, dlq_ahead)] = transform(registry, bronze(values[:1], kafka=ahead - timedelta(hours=1)))
     [(_, dlq_old)] = transform(registry, bronze(values[1:], kafka=old + timedelta(hours=1)))
@@ -559,12 +559,12 @@ def test_times_exactly_at_the_bounds_pass(registry: SchemaRegistryClient, v2_id:
 
 
 def test_rules_are_configurable(registry: SchemaRegistryClient, v2_id: int) -> None:
-    week_old = INGESTED - timedelta(days=8)
-    value = framed(v2_id, trade(timestamp=week_old))
-    replay = ValidationRules(max_age=timedelta(days=30))
+    older_than_a_year = INGESTED - timedelta(days=366)
+    value = framed(v2_id, trade(timestamp=older_than_a_year))
+    replay = ValidationRules(max_age=timedelta(days=400))
 
-    [(silver_default, _)] = transform(registry, bronze([value], kafka=week_old))
-    [(silver_replay, _)] = transform(registry, bronze([value], kafka=week_old), rules=replay)
+    [(silver_default, _)] = transform(registry, bronze([value], kafka=older_than_a_year))
+    [(silver_replay, _)] = transform(registry, bronze([value], kafka=older_than_a_year), rules=replay)
 
     assert (silver_default.num_rows, silver_replay.num_rows) == (0, 1)
     with pytest.raises(ValueError, match="max_age must not be negative"):

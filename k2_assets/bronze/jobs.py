@@ -50,12 +50,18 @@ class BronzeIngestionConfig(dg.Config):
     broker_timeout_seconds: float = Field(60.0, description="Fail after the broker is unreachable this long.")
 
     def settings(self, exchange: ExchangeConfig) -> IngestionSettings:
-        if self.max_batch_records <= 0:
-            raise ValueError(f"max_batch_records must be positive, not {self.max_batch_records}")
-        if self.max_runtime_seconds <= 0:
-            raise ValueError(f"max_runtime_seconds must be positive, not {self.max_runtime_seconds}")
+        """The validated settings: a value that cannot mean what it says is refused, naming the setting."""
+        for name in ("max_batch_records", "max_runtime_seconds", "broker_timeout_seconds"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ingestion config {name} must be positive, not {getattr(self, name)}")
+        interval = self.commit_interval_seconds
+        if interval is not None and interval <= 0:  # 0 used to mean "the default" without saying so
+            raise ValueError(
+                f"ingestion config commit_interval_seconds must be positive, not {interval}; leave it unset "
+                f"for {exchange.name}'s default of {exchange.commit_interval_seconds:g} s"
+            )
         return IngestionSettings(
-            commit_interval_seconds=self.commit_interval_seconds or exchange.commit_interval_seconds,
+            commit_interval_seconds=interval if interval is not None else exchange.commit_interval_seconds,
             max_batch_records=self.max_batch_records,
             max_runtime_seconds=self.max_runtime_seconds,
             drain=self.drain,

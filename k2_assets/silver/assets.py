@@ -35,6 +35,7 @@ from k2_resources.io_manager import IcebergStream, RowScope, read_scope
 from k2_resources.kafka import SchemaRegistryResource
 
 IO_MANAGER_KEY = "iceberg_io_manager"
+DEFAULT_RULES = ValidationRules()
 MICROS_PER_HOUR = 3_600_000_000
 # Silver output metadata the Gold late-data sensor reads: event hour -> trades of a full pass, the
 # same for the rows a DLQ replay added, and how many partitions the pass covered (a range run records
@@ -48,11 +49,16 @@ class SilverConfig(dg.Config):
     """Validation bounds for trade timestamps (defaults suit live feeds; widen them for old replays)."""
 
     max_future_skew_seconds: float = Field(
-        300.0, description="How far a trade may be after its Bronze ingestion."
+        DEFAULT_RULES.max_future_skew.total_seconds(),
+        description="How far a trade may be after its Bronze ingestion.",
     )
-    max_age_hours: float = Field(168.0, description="How far a trade may be before its Bronze ingestion.")
+    max_age_hours: float = Field(
+        DEFAULT_RULES.max_age / timedelta(hours=1),
+        description="How far a trade may be before its Bronze ingestion (default: one year).",
+    )
     max_kafka_skew_seconds: float = Field(
-        3600.0, description="Allowed gap between trade time and Kafka timestamp."
+        DEFAULT_RULES.max_kafka_skew.total_seconds(),
+        description="Allowed gap between trade time and Kafka timestamp.",
     )
 
     def rules(self) -> ValidationRules:

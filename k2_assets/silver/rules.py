@@ -87,7 +87,9 @@ class ValidationRules:
     """The time window a trade must fall in; everything else about a valid trade is fixed by V2."""
 
     max_future_skew: timedelta = timedelta(minutes=5)
-    max_age: timedelta = timedelta(days=7)
+    # The predecessor's rule: a trade is valid up to a year before its ingestion, so a producer replaying
+    # last month's trades is not sent to the DLQ (a 7-day bound did that).
+    max_age: timedelta = timedelta(days=365)
     max_kafka_skew: timedelta = timedelta(hours=1)
 
     def __post_init__(self) -> None:
