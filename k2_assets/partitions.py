@@ -20,7 +20,7 @@ DEFAULT_PARTITIONS_START = "2026-11-01-00:00"
 
 def partitions_start() -> str:
     """The first hourly partition, `YYYY-MM-DD` or `YYYY-MM-DD-HH:00` (UTC), from K2_PARTITIONS_START."""
-    raw = os.environ.get(PARTITIONS_START_SETTING, DEFAULT_PARTITIONS_START).strip()
+    raw = (os.environ.get(PARTITIONS_START_SETTING) or DEFAULT_PARTITIONS_START).strip()  # empty: default
     for pattern in (HOUR_KEY_FORMAT, "%Y-%m-%d"):
         try:
             return datetime.strptime(raw, pattern).replace(tzinfo=UTC).strftime(HOUR_KEY_FORMAT)

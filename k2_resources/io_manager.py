@@ -281,6 +281,13 @@ def read_scope(
     return IcebergStream(table, spec, scope, snapshot.snapshot_id if snapshot else None, columns=columns)
 
 
+def write_metadata(report: WriteReport, spec: TableSpec, scope: RowScope, data: Any) -> dict[str, Any]:
+    """A write's materialisation metadata: its report, and the data's own (`output_metadata()`, asked
+    after the write, when a stream knows what went through it)."""
+    extra = data.output_metadata() if callable(getattr(data, "output_metadata", None)) else {}
+    return {**report.metadata(), "table": spec.identifier, "scope": scope.describe(), **extra}
+
+
 class IcebergIOManager(dg.IOManager):
     """Stores each asset in the Iceberg table its metadata names (`table`, optional `table_slice`)."""
 
@@ -317,10 +324,7 @@ class IcebergIOManager(dg.IOManager):
         }
         table = self.catalog.ensure_table(spec)
         report = replace_rows(table, spec, obj, scope, properties, self.chunk_rows)
-        extra = obj.output_metadata() if callable(getattr(obj, "output_metadata", None)) else {}
-        context.add_output_metadata(
-            {**report.metadata(), "table": spec.identifier, "scope": scope.describe(), **extra}
-        )
+        context.add_output_metadata(write_metadata(report, spec, scope, obj))
 
     def load_input(self, context: dg.InputContext) -> IcebergStream:
         upstream = context.upstream_output

@@ -30,8 +30,8 @@ from k2_assets.silver.checks import conservation_result, dlq_rate_result, silver
 from k2_assets.silver.tables import DLQ_TABLE_SPEC, silver_table_spec
 from k2_assets.silver.transform import ValidationRules, WriterSchemas, transform_batches
 from k2_resources.exchanges import EXCHANGES, ExchangeConfig
-from k2_resources.iceberg import IcebergCatalogResource
-from k2_resources.io_manager import IcebergStream, RowScope, read_scope
+from k2_resources.iceberg import IcebergCatalogResource, TableSpec
+from k2_resources.io_manager import IcebergStream, RowScope, read_scope, replace_rows, write_metadata
 from k2_resources.kafka import SchemaRegistryResource
 
 IO_MANAGER_KEY = "iceberg_io_manager"
@@ -215,6 +215,34 @@ def refuse_if_bronze_expired(
         )
 
 
+def write_output(
+    context: dg.AssetExecutionContext,
+    iceberg: IcebergCatalogResource,
+    output_name: str,
+    spec: TableSpec,
+    stream: SilverStream | DlqStream,
+    scope: RowScope,
+) -> Iterator[dg.Output]:
+    """The output through the IO manager when it is selected; otherwise written here, in the same way
+    (one commit replacing the window), and recorded as a materialisation of its asset all the same."""
+    if output_name in context.selected_output_names:
+        yield dg.Output(stream, output_name=output_name)
+        return
+    key = context.asset_key_for_output(output_name)
+    label = (
+        context.partition_keys[0] if len(context.partition_keys) == 1 else json.dumps(context.partition_keys)
+    )
+    properties = {
+        "dagster.run-id": context.run_id,
+        "dagster.asset-key": key.to_user_string(),
+        "dagster.partition-key": label,
+    }
+    report = replace_rows(iceberg.ensure_table(spec), spec, stream, scope, properties)
+    metadata = write_metadata(report, spec, scope, stream)
+    for partition in context.partition_keys:
+        context.log_event(dg.AssetMaterialization(asset_key=key, partition=partition, metadata=metadata))
+
+
 def build_silver_asset(exchange: ExchangeConfig) -> dg.AssetsDefinition:
     """`silver_<exchange>_trades` and `silver_dlq_trades/<exchange>`, written by one pass over Bronze."""
     silver_key, dlq_key = silver_asset_key(exchange), dlq_asset_key(exchange)
@@ -234,7 +262,7 @@ def build_silver_asset(exchange: ExchangeConfig) -> dg.AssetsDefinition:
                 description=silver_spec.description,
                 metadata={"table": silver_spec.name},
                 automation_condition=hourly_automation(complete_at_minute=5),
-                is_required=True,
+                is_required=False,  # subsettable; write_output writes an unselected one all the same
             ),
             "dlq": dg.AssetOut(
                 key=dlq_key,
@@ -244,10 +272,13 @@ def build_silver_asset(exchange: ExchangeConfig) -> dg.AssetsDefinition:
                 description=f"{exchange.code} records rejected by Silver: {DLQ_TABLE_SPEC.description}",
                 metadata={"table": DLQ_TABLE_SPEC.name, "table_slice": exchange.name},
                 automation_condition=hourly_automation(complete_at_minute=5),
+                is_required=False,  # subsettable; write_output writes an unselected one all the same
             ),
         },
         check_specs=silver_check_specs(silver_key),
-        can_subset=False,
+        # `dagster asset materialize --select silver_<exchange>_trades` works as typed; the pass still
+        # writes both tables (write_output).
+        can_subset=True,
     )
     def silver_asset(
         context: dg.AssetExecutionContext,
@@ -276,15 +307,25 @@ def build_silver_asset(exchange: ExchangeConfig) -> dg.AssetsDefinition:
                 now=datetime.now(UTC),
             )
             silver_stream = SilverStream(silver_pass, transformed, len(context.partition_keys))
-            yield dg.Output(silver_stream, output_name="silver")
-            yield dg.Output(DlqStream(silver_pass), output_name="dlq")
+            # Both tables are written from this one pass whatever was selected, Silver first (it fills
+            # the DLQ spill): conservation needs both, and they must come from the same Bronze snapshot.
+            yield from write_output(
+                context, iceberg, "silver", silver_spec, silver_stream, RowScope(window.start, window.end)
+            )
+            dlq_scope = RowScope(window.start, window.end, exchange.name)
+            yield from write_output(
+                context, iceberg, "dlq", DLQ_TABLE_SPEC, DlqStream(silver_pass), dlq_scope
+            )
         silver_rows = read_scope(
             iceberg.load_table(silver_spec), silver_spec, RowScope(window.start, window.end)
         ).count()
-        dlq_scope = RowScope(window.start, window.end, exchange.name)
         dlq_rows = read_scope(iceberg.load_table(DLQ_TABLE_SPEC), DLQ_TABLE_SPEC, dlq_scope).count()
-        yield conservation_result(silver_key, bronze.rows_read, silver_rows, dlq_rows, bronze.snapshot_id)
-        yield dlq_rate_result(silver_key, exchange, bronze.rows_read, dlq_rows, silver_pass.categories)
+        results = [
+            conservation_result(silver_key, bronze.rows_read, silver_rows, dlq_rows, bronze.snapshot_id),
+            dlq_rate_result(silver_key, exchange, bronze.rows_read, dlq_rows, silver_pass.categories),
+        ]
+        selected = context.selected_asset_check_keys
+        yield from (r for r in results if dg.AssetCheckKey(silver_key, r.check_name) in selected)
 
     return silver_asset
 
