@@ -13,8 +13,7 @@ import dagster as dg
 
 from k2_resources.iceberg import IcebergCatalogResource
 from k2_resources.io_manager import DEFAULT_CHUNK_ROWS, IcebergIOManager
-from k2_resources.kafka import KafkaResource, SchemaRegistryResource
-from k2_resources.settings import KAFKA_BOOTSTRAP_SERVERS, SCHEMA_REGISTRY_URL
+from k2_resources.kafka import kafka_from_env, schema_registry_from_env
 
 AUTOMATION_SETTING = "K2_AUTOMATION"
 
@@ -61,8 +60,8 @@ class IcebergTablesIOManager(dg.ConfigurableIOManagerFactory):
 def build_resources() -> dict[str, object]:
     iceberg = IcebergCatalogResource()
     return {
-        "kafka": KafkaResource(bootstrap_servers=dg.EnvVar(KAFKA_BOOTSTRAP_SERVERS)),
-        "schema_registry": SchemaRegistryResource(url=dg.EnvVar(SCHEMA_REGISTRY_URL)),
+        "kafka": kafka_from_env(),
+        "schema_registry": schema_registry_from_env(),
         "iceberg": iceberg,
         "iceberg_io_manager": IcebergTablesIOManager(iceberg=iceberg),
     }

@@ -12,6 +12,13 @@ from pathlib import Path
 
 KAFKA_BOOTSTRAP_SERVERS = "K2_KAFKA_BOOTSTRAP_SERVERS"
 SCHEMA_REGISTRY_URL = "K2_SCHEMA_REGISTRY_URL"
+# Any client property, by environment variable: K2_KAFKA__SASL_MECHANISMS=PLAIN -> `sasl.mechanisms`,
+# K2_SCHEMA_REGISTRY__BASIC_AUTH_USER_INFO=user:pw -> `basic.auth.user.info` (librdkafka's and the
+# registry client's property names are lower-case words joined by dots, so `_` maps to `.`).
+KAFKA_CLIENT_PREFIX = "K2_KAFKA__"
+SCHEMA_REGISTRY_CLIENT_PREFIX = "K2_SCHEMA_REGISTRY__"
+# Properties whose values are never shown: in Dagster they stay EnvVar references, in logs they're masked.
+SECRET_WORDS = ("password", "secret", "user.info", "key", "token")
 
 
 def k2_home() -> Path:
@@ -46,6 +53,24 @@ def load_devstack_env() -> dict[str, str]:
             os.environ[key] = value
             loaded[key] = value
     return loaded
+
+
+def client_property_variables(prefix: str) -> dict[str, str]:
+    """Client property -> the environment variable that sets it, for every variable with `prefix`."""
+    return {
+        name[len(prefix) :].lower().replace("_", "."): name
+        for name in sorted(os.environ)
+        if name.startswith(prefix) and len(name) > len(prefix)
+    }
+
+
+def client_properties(prefix: str) -> dict[str, str]:
+    """The client properties the environment sets (for CLI clients outside Dagster resources)."""
+    return {prop: os.environ[name] for prop, name in client_property_variables(prefix).items()}
+
+
+def is_secret_property(prop: str) -> bool:
+    return any(word in prop for word in SECRET_WORDS)
 
 
 def require_setting(name: str) -> str:

@@ -23,6 +23,7 @@ from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerialize
 from confluent_kafka.serialization import MessageField, SerializationContext
 
 from k2_resources.devstack import DevstackError, devstack_status, start_devstack, stop_devstack
+from k2_resources.devstack import kafka as dev_kafka
 from k2_resources.exchanges import EXCHANGES, exchange
 from k2_resources.settings import KAFKA_BOOTSTRAP_SERVERS, SCHEMA_REGISTRY_URL, read_env_file
 from k2_resources.trade_schema import trade_v2_schema_str
@@ -123,12 +124,16 @@ def test_cli_lifecycle_up_twice_status_down_and_restart(tmp_path: Path) -> None:
     try:
         env_after = read_env_file(home / "devstack.env")
         assert _schema_ids(env_after[SCHEMA_REGISTRY_URL]) == ids_before
-        # The broker is memory-only: the restarted one has the topic again, empty.
+        # The broker keeps its log dirs under K2_HOME: same address, same records.
+        assert env_after[KAFKA_BOOTSTRAP_SERVERS] == bootstrap
         marks = _watermarks(env_after[KAFKA_BOOTSTRAP_SERVERS], exchange("binance").topic)
-        assert marks == {p: (0, 0) for p in range(4)}
+        assert sum(high for _, high in marks.values()) == 3
+        broker_pid = dev_kafka.live_broker(home)
+        assert broker_pid is not None
     finally:
         k2("devstack", "down", home=home)
     assert _host_processes(home) == []
+    _wait_gone(broker_pid)
 
 
 @pytest.fixture()
@@ -183,7 +188,8 @@ def test_host_exits_when_its_k2_home_is_deleted(tmp_path: Path) -> None:
     info = start_devstack(home)
     try:
         shutil.rmtree(home)
-        _wait_gone(info.pid, timeout=5)
+        _wait_gone(info.pid, timeout=10)
+        _wait_gone(info.broker_pid, timeout=10)  # the host takes its broker with it
         assert not home.exists(), "the exiting host must not recreate the deleted home"
     finally:
         stop_devstack(home)
@@ -207,6 +213,31 @@ def test_up_fails_clearly_when_the_host_cannot_start(tmp_path: Path) -> None:
     assert not (home / "devstack.env").exists()
     assert not (home / "devstack" / "devstack.pid").exists()
     assert _host_processes(home) == []
+    assert dev_kafka.live_broker(home) is None  # the broker this `up` started was stopped again
+
+
+def test_mock_cluster_only_when_asked_and_said_so(tmp_path: Path) -> None:
+    home = tmp_path.resolve()
+    up = k2("devstack", "up", home=home, env={"K2_DEVSTACK_KAFKA": "mock"})
+    try:
+        assert "mock" in up.stderr and "K2_DEVSTACK_KAFKA=mock" in up.stderr
+        assert "librdkafka mock cluster" in k2("devstack", "status", home=home).stdout
+        assert dev_kafka.live_broker(home) is None
+    finally:
+        k2("devstack", "down", home=home)
+
+
+def test_missing_java_fails_clearly(tmp_path: Path) -> None:
+    env = {"JAVA_HOME": str(tmp_path / "no-jdk"), "PATH": str(Path(sys.executable).parent)}
+    result = k2("devstack", "up", home=tmp_path.resolve(), env=env, check=False)
+    assert result.returncode == 1
+    assert "Java 17+" in result.stderr and "K2_DEVSTACK_KAFKA=mock" in result.stderr
+    assert _host_processes(tmp_path.resolve()) == []
+
+
+def test_invalid_kafka_choice_names_the_setting(tmp_path: Path) -> None:
+    result = k2("devstack", "up", home=tmp_path.resolve(), env={"K2_DEVSTACK_KAFKA": "redpanda"}, check=False)
+    assert result.returncode == 1 and "K2_DEVSTACK_KAFKA must be 'apache' or 'mock'" in result.stderr
 
 
 def _v2_record() -> dict[str, object]:

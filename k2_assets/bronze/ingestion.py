@@ -7,7 +7,12 @@ those offsets, never from the consumer group. Every commit is fenced: PyIceberg'
 Bronze tables, and when a commit meets a concurrent one K2 reloads the table and compares the stored
 offsets with the ones this run last wrote. Unchanged (e.g. retention committed) -> retry; changed ->
 another run owns the stream, and this one stops with `FencedError`. The consumer group is committed
-after each Iceberg commit only so that ordinary lag tools see progress.
+after each Iceberg commit (asynchronously) only so that ordinary lag tools see progress.
+
+Offsets are not dense: transaction markers, aborted records and compaction leave offsets that are
+never delivered. So the next offset is what the consumer has reached (the last record + 1, or the end
+of the partition it reported), and records are only ever called lost when Kafka says so: a low
+watermark above the stored offset, an out-of-range fetch, or a topic whose id changed.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from pyiceberg.table import Table
 from pyiceberg.table.snapshots import ancestors_of
 from pyiceberg.table.update.snapshot import ManageSnapshots
 
-from k2_assets.bronze.tables import OFFSETS_PROPERTY, OFFSETS_TAG
+from k2_assets.bronze.tables import OFFSETS_PROPERTY, OFFSETS_TAG, TOPIC_ID_PROPERTY
 from k2_resources.crashpoints import crash_point
 
 log = logging.getLogger(__name__)
@@ -59,6 +64,8 @@ class IngestionSettings:
     poll_timeout_seconds: float = 0.5
     broker_timeout_seconds: float = 60.0
     max_fence_retries: int = 10
+    # How often a running ingestion looks for partitions added to its topic.
+    partition_refresh_seconds: float = 30.0
 
 
 @dataclass
@@ -71,7 +78,6 @@ class CommitReport:
     offsets: dict[int, tuple[int, int]]
     consumer_lag: int
     commit_seconds: float
-    gaps: list[dict[str, Any]] = field(default_factory=list)
 
     def metadata(self) -> dict[str, Any]:
         return {
@@ -81,7 +87,6 @@ class CommitReport:
             "commit_seconds": round(self.commit_seconds, 4),
             "snapshot_id": str(self.snapshot_id),
             "offsets": {str(p): {"first": f, "last": last} for p, (f, last) in sorted(self.offsets.items())},
-            "gaps": self.gaps,
         }
 
 
@@ -95,8 +100,8 @@ class RunSummary:
     gaps: list[dict[str, Any]] = field(default_factory=list)
 
 
-def read_stored_offsets(table: Table) -> dict[int, int]:
-    """Next offset to read per partition, from the tagged snapshot (or, failing that, the newest ancestor)."""
+def _offsets_summary(table: Table) -> dict[str, str]:
+    """The summary of the snapshot that holds the stored offsets: the tagged one, or the newest ancestor."""
     ref = table.metadata.refs.get(OFFSETS_TAG)
     candidates = [table.snapshot_by_id(ref.snapshot_id)] if ref is not None else []
     current = table.current_snapshot()
@@ -104,19 +109,37 @@ def read_stored_offsets(table: Table) -> dict[int, int]:
         candidates = list(ancestors_of(current, table.metadata))
     for snapshot in candidates:
         if snapshot is not None and OFFSETS_PROPERTY in snapshot.summary.additional_properties:
-            raw = json.loads(snapshot.summary.additional_properties[OFFSETS_PROPERTY])
-            return {int(p): int(o) for p, o in raw.items()}
+            return snapshot.summary.additional_properties
     return {}
+
+
+def read_stored_offsets(table: Table) -> dict[int, int]:
+    """Next offset to read per partition, as the last ingestion commit stored it."""
+    raw = json.loads(_offsets_summary(table).get(OFFSETS_PROPERTY, "{}"))
+    return {int(p): int(o) for p, o in raw.items()}
+
+
+def read_stored_topic_id(table: Table) -> str | None:
+    """The id of the Kafka topic the stored offsets belong to (None for commits before ids were kept)."""
+    return _offsets_summary(table).get(TOPIC_ID_PROPERTY)
 
 
 class BronzeCommitter:
     """Appends record batches to a Bronze table, each commit carrying the offsets it advances to."""
 
-    def __init__(self, table: Table, expected_offsets: dict[int, int], run_id: str, max_retries: int = 10):
+    def __init__(
+        self,
+        table: Table,
+        expected_offsets: dict[int, int],
+        run_id: str,
+        max_retries: int = 10,
+        topic_id: str | None = None,
+    ):
         self.table = table
         self.expected = dict(expected_offsets)
         self.run_id = run_id
         self.max_retries = max_retries
+        self.topic_id = topic_id
 
     def commit(self, rows: pa.Table, next_offsets: dict[int, int]) -> int:
         """Commit rows and the new offsets atomically; returns the snapshot id. Raises FencedError."""
@@ -124,6 +147,7 @@ class BronzeCommitter:
         properties = {
             OFFSETS_PROPERTY: json.dumps({str(p): o for p, o in sorted(offsets.items())}),
             "k2.dagster.run-id": self.run_id,
+            **({TOPIC_ID_PROPERTY: self.topic_id} if self.topic_id else {}),
         }
         crash_point("bronze.before_data_files")
         files = list(_dataframe_to_data_files(self.table.metadata, rows, self.table.io))
@@ -209,7 +233,11 @@ class _Batch:
 
 
 class TopicIngestion:
-    """One run: read a topic from the stored offsets and commit micro-batches until told to stop."""
+    """One run: read a topic from the stored offsets and commit micro-batches until told to stop.
+
+    `watermarks(partitions, cached)` and `partitions()` ask Kafka (the latter is polled for partitions
+    added while the run is alive); `topic_id` is the topic's id now, or None where the broker has none.
+    """
 
     def __init__(
         self,
@@ -219,15 +247,21 @@ class TopicIngestion:
         settings: IngestionSettings,
         run_id: str,
         watermarks: Callable[[list[int], bool], dict[int, tuple[int, int]]],
-        partitions: list[int],
+        partitions: Callable[[], list[int]],
+        topic_id: str | None = None,
         on_commit: Callable[[CommitReport], None] = lambda report: None,
         should_stop: Callable[[], bool] = lambda: False,
     ):
         self.table, self.consumer, self.topic, self.settings = table, consumer, topic, settings
-        self.watermarks, self.partitions = watermarks, partitions
+        self.watermarks, self.list_partitions, self.topic_id = watermarks, partitions, topic_id
         self.on_commit, self.should_stop = on_commit, should_stop
+        self.partitions = sorted(partitions())
+        self.stored_topic_id = read_stored_topic_id(table)
         stored = read_stored_offsets(table)
-        self.committer = BronzeCommitter(table, stored, run_id, settings.max_fence_retries)
+        # Where Kafka gives no id this time, keep the stored one, so a later run can still compare.
+        self.committer = BronzeCommitter(
+            table, stored, run_id, settings.max_fence_retries, topic_id or self.stored_topic_id
+        )
         self.summary = RunSummary()
         self.next_offsets: dict[int, int] = {}
         self.drain_targets: dict[int, int] = {}
@@ -235,42 +269,59 @@ class TopicIngestion:
     def start_positions(self) -> dict[int, int]:
         """Where each partition resumes, after checking Kafka still holds every record not yet in Bronze."""
         stored = self.committer.expected
-        marks = self.watermarks(self.partitions, False)
+        if self.stored_topic_id and self.topic_id and self.stored_topic_id != self.topic_id:
+            self._gap(
+                f"the topic was deleted and recreated (topic id {self.stored_topic_id} -> {self.topic_id}): "
+                f"records of the old topic from the stored offsets {stored} on were never read, and the new "
+                "topic is read from its start",
+                None,
+                0,
+                -1,
+            )
+            stored = {}
         vanished = sorted(set(stored) - set(self.partitions))
         if vanished:
-            self._gap(
-                f"partitions {vanished} of {self.topic} hold stored offsets but no longer exist",
-                vanished[0],
-                0,
-                0,
-            )
-        positions: dict[int, int] = {}
-        for p in self.partitions:
-            low, high = marks[p]
-            start = stored.get(p)
-            if start is None:
-                positions[p] = low
-            elif start < low:
-                self._gap(
-                    f"records {start}..{low - 1} were deleted before Bronze read them", p, start, low - 1
-                )
-                positions[p] = low
-            elif start > high:
-                self._gap(
-                    f"stored offset {start} is beyond the high watermark {high}: the topic was recreated "
-                    f"or truncated, records {high}..{start - 1} can never be read",
-                    p,
-                    high,
-                    start - 1,
-                )
-                positions[p] = low
-            else:
-                positions[p] = start
+            self._gap(f"partitions {vanished} hold stored offsets but no longer exist", vanished[0], 0, 0)
+        marks = self.watermarks(self.partitions, False)
+        positions = {
+            p: self._resume_at(p, stored.get(p), marks[p], tracked=bool(stored)) for p in self.partitions
+        }
         self.drain_targets = {p: marks[p][1] for p in self.partitions}
         return positions
 
-    def _gap(self, message: str, partition: int, first_missing: int, last_missing: int) -> None:
-        text = f"Kafka gap on {self.topic} partition {partition}: {message}"
+    def _resume_at(self, p: int, start: int | None, marks: tuple[int, int], tracked: bool) -> int:
+        """The offset to read partition `p` from, given its stored offset (None: never read).
+
+        `tracked`: Bronze already reads this topic, so a partition it never read was added since, and
+        records it no longer holds were lost rather than older than K2.
+        """
+        low, high = marks
+        if start is None:
+            if tracked and low > 0:
+                self._gap(
+                    f"records 0..{low - 1} of a new partition were deleted before Bronze read them",
+                    p,
+                    0,
+                    low - 1,
+                )
+            return low
+        if start < low:
+            self._gap(f"records {start}..{low - 1} were deleted before Bronze read them", p, start, low - 1)
+            return low
+        if start > high:
+            self._gap(
+                f"stored offset {start} is beyond the high watermark {high}: the topic was recreated "
+                f"or truncated, records {high}..{start - 1} can never be read",
+                p,
+                high,
+                start - 1,
+            )
+            return low
+        return start
+
+    def _gap(self, message: str, partition: int | None, first_missing: int, last_missing: int) -> None:
+        where = f"partition {partition}" if partition is not None else "all partitions"
+        text = f"Kafka gap on {self.topic} {where}: {message}"
         gap = {
             "topic": self.topic,
             "partition": partition,
@@ -296,10 +347,27 @@ class TopicIngestion:
     def _drained(self) -> bool:
         return all(self.next_offsets[p] >= target for p, target in self.drain_targets.items())
 
+    def _pick_up_new_partitions(self) -> None:
+        """Partitions added to the topic while this run is alive are read from their start."""
+        try:
+            added = sorted(set(self.list_partitions()) - set(self.partitions))
+        except KafkaException as err:
+            log.warning("Could not refresh the partitions of %s: %s", self.topic, err)
+            return
+        if not added:
+            return
+        marks = self.watermarks(added, False)
+        starts = {p: self._resume_at(p, None, marks[p], tracked=True) for p in added}
+        self.consumer.incremental_assign([TopicPartition(self.topic, p, o) for p, o in starts.items()])
+        self.partitions = sorted(self.partitions + added)
+        self.next_offsets.update(starts)
+        self.drain_targets.update({p: marks[p][1] for p in added})
+        log.info("Partitions %s were added to %s; reading them from offsets %s", added, self.topic, starts)
+
     def _loop(self) -> None:
         settings, started = self.settings, time.monotonic()
         batch, batch_started, broker_down_since = _Batch(), time.monotonic(), None
-        gaps_in_batch: list[dict[str, Any]] = []
+        partitions_checked = time.monotonic()
         flowing = False
         while True:
             if settings.drain and self._drained():
@@ -310,31 +378,36 @@ class TopicIngestion:
                 self.summary.stop_reason = "stop requested"
             if self.summary.stop_reason:
                 if len(batch):
-                    self._commit(batch, gaps_in_batch)
+                    self._commit(batch)
                 return
+            if time.monotonic() - partitions_checked >= settings.partition_refresh_seconds:
+                self._pick_up_new_partitions()
+                partitions_checked = time.monotonic()
             wanted = max(1, min(10_000, settings.max_batch_records - len(batch)))
             # consume() waits its whole timeout unless `wanted` records are queued: wait briefly while
             # records flow, and the full poll timeout only when the topic is idle.
             timeout = FLOWING_POLL_SECONDS if flowing else settings.poll_timeout_seconds
             messages = self.consumer.consume(num_messages=wanted, timeout=timeout)
             flowing = bool(messages)
-            broker_down_since = self._absorb(messages, batch, gaps_in_batch, broker_down_since)
+            broker_down_since = self._absorb(messages, batch, broker_down_since)
             full = len(batch) >= settings.max_batch_records
             due = time.monotonic() - batch_started >= settings.commit_interval_seconds
             if len(batch) and (full or due or (settings.drain and self._drained())):
-                self._commit(batch, gaps_in_batch)
-                batch, batch_started, gaps_in_batch = _Batch(), time.monotonic(), []
+                self._commit(batch)
+                batch, batch_started = _Batch(), time.monotonic()
 
-    def _absorb(
-        self, messages: list[Message], batch: _Batch, gaps: list[dict[str, Any]], down_since: float | None
-    ) -> float | None:
+    def _absorb(self, messages: list[Message], batch: _Batch, down_since: float | None) -> float | None:
         """Add good messages to the batch; classify errors. Returns when the broker was first seen down."""
         for msg in messages:
             err = msg.error()
             if err is None:
-                self._accept(msg, batch, gaps)
+                self._accept(msg, batch)
                 down_since = None
             elif err.code() == KafkaError._PARTITION_EOF:
+                # The consumer reached the end: any offsets before it that were never delivered are
+                # transaction markers, aborted or compacted records, so this is where to resume.
+                p = msg.partition()
+                self.next_offsets[p] = max(self.next_offsets[p], msg.offset())
                 down_since = None
             elif err.code() in GAP_ERRORS:
                 p = msg.partition()
@@ -367,45 +440,52 @@ class TopicIngestion:
             )
         return down_since
 
-    def _accept(self, msg: Message, batch: _Batch, gaps: list[dict[str, Any]]) -> None:
+    def _accept(self, msg: Message, batch: _Batch) -> None:
+        """Take a record unless Bronze has it already; an offset jump is a marker or compaction, not loss."""
         p, offset = msg.partition(), msg.offset()
-        expected = self.next_offsets[p]
-        if offset < expected:
+        if offset < self.next_offsets[p]:
             return  # already in Bronze (a re-fetch after reassignment): never write it twice
-        if offset > expected:
-            self._gap(f"offsets {expected}..{offset - 1} vanished while reading", p, expected, offset - 1)
-            gaps.append({"partition": p, "first_missing": expected, "last_missing": offset - 1})
         batch.add(msg)
         self.next_offsets[p] = offset + 1
 
-    def _commit(self, batch: _Batch, gaps: list[dict[str, Any]]) -> None:
+    def _commit(self, batch: _Batch) -> None:
         started = time.monotonic()
         now = datetime.now(UTC)
         rows = batch.to_arrow(self.committer.table.schema().as_arrow(), self.topic, now)
-        advanced = {p: self.next_offsets[p] for p in batch.last}
+        advanced = {p: o for p, o in self.next_offsets.items() if o != self.committer.expected.get(p)}
         snapshot_id = self.committer.commit(rows, advanced)
         commit_seconds = time.monotonic() - started
         self._commit_consumer_group()
         crash_point("bronze.after_group_commit")
-        marks = self.watermarks(self.partitions, True)
-        lag = sum(max(0, marks[p][1] - self.next_offsets[p]) for p in self.partitions)
         report = CommitReport(
             snapshot_id=snapshot_id,
             rows=len(batch),
             bytes=batch.size,
             offsets={p: (batch.first[p], batch.last[p]) for p in batch.last},
-            consumer_lag=lag,
+            consumer_lag=self._lag(),
             commit_seconds=commit_seconds,
-            gaps=list(gaps),
         )
         self.summary.rows += len(batch)
         self.summary.commits += 1
         self.on_commit(report)
 
+    def _lag(self) -> int:
+        """Records behind the high watermarks (as last seen in fetch responses); -1 if Kafka can't say."""
+        try:
+            marks = self.watermarks(self.partitions, True)
+        except KafkaException as err:
+            log.warning("Could not read the watermarks of %s for the lag: %s", self.topic, err)
+            return -1
+        return sum(max(0, marks[p][1] - self.next_offsets[p]) for p in self.partitions)
+
     def _commit_consumer_group(self) -> None:
-        """Mirror the committed offsets to the consumer group for lag tools; Bronze does not read them."""
+        """Mirror the committed offsets to the consumer group for lag tools; Bronze does not read them.
+
+        Asynchronous: with the broker gone a synchronous commit blocks for ~45 s after every Iceberg
+        commit, and nothing depends on it landing.
+        """
         offsets = [TopicPartition(self.topic, p, o) for p, o in self.next_offsets.items()]
         try:
-            self.consumer.commit(offsets=offsets, asynchronous=False)
+            self.consumer.commit(offsets=offsets, asynchronous=True)
         except KafkaException as err:
             log.warning("Could not mirror offsets to the consumer group: %s", err)

@@ -94,7 +94,6 @@ def build_ingestion_job(exchange: ExchangeConfig) -> dg.JobDefinition:
             context.log_event(dg.AssetMaterialization(asset_key=asset_key, metadata=commit.metadata()))
 
         try:
-            partitions = kafka.partitions(consumer, exchange.topic)
             ingestion = TopicIngestion(
                 table=table,
                 consumer=consumer,
@@ -102,7 +101,8 @@ def build_ingestion_job(exchange: ExchangeConfig) -> dg.JobDefinition:
                 settings=settings,
                 run_id=context.run_id,
                 watermarks=lambda ps, cached: kafka.watermarks(consumer, exchange.topic, ps, cached),
-                partitions=partitions,
+                partitions=lambda: kafka.partitions(consumer, exchange.topic),
+                topic_id=kafka.topic_id(exchange.topic),
                 on_commit=report,
             )
             summary = ingestion.run()
@@ -164,7 +164,7 @@ def apply_bronze_retention(table: Table, policy: MaintenancePolicy, now: datetim
         for snapshot in ancestors_of(t.current_snapshot(), t.metadata):
             if before is not None and snapshot.snapshot_id == before.snapshot_id:
                 break
-            deleted += int(snapshot.summary.get("deleted-records", 0))
+            deleted += int(snapshot.summary.additional_properties.get("deleted-records", 0))
         return t.refresh(), deleted
 
     table, deleted_rows = retry_on_conflict(table, delete_old)

@@ -43,9 +43,11 @@ BRONZE_PARTITION_SPEC = PartitionSpec(
     PartitionField(source_id=8, field_id=1000, transform=DayTransform(), name="ingestion_date_day")
 )
 
-# Snapshot-summary key that carries the next offset to read per Kafka partition, and the tag that
-# keeps the snapshot holding it safe from expiry.
+# Snapshot-summary keys that carry the next offset to read per Kafka partition and the id of the topic
+# those offsets belong to (a topic deleted and recreated under the same name has a new id), and the tag
+# that keeps the snapshot holding them safe from expiry.
 OFFSETS_PROPERTY = "k2.kafka.offsets"
+TOPIC_ID_PROPERTY = "k2.kafka.topic-id"
 OFFSETS_TAG = "k2-kafka-offsets"
 
 

@@ -292,6 +292,7 @@ def _server_properties(home: Path, ports: BrokerPorts, credentials: SaslCredenti
         # Retention is enforced within seconds, so a topic's `retention.ms` really deletes records in tests.
         "log.retention.check.interval.ms": "1000",
         "log.segment.delete.delay.ms": "1000",
+        "log.cleaner.backoff.ms": "1000",
         "share.coordinator.state.topic.replication.factor": "1",
         "share.coordinator.state.topic.min.isr": "1",
     }

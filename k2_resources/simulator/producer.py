@@ -31,7 +31,14 @@ from confluent_kafka.serialization import MessageField, SerializationContext
 from k2_resources.exchanges import ExchangeConfig
 from k2_resources.exchanges import exchange as exchange_named
 from k2_resources.feeds import datetime_to_micros, micros_to_datetime
-from k2_resources.settings import KAFKA_BOOTSTRAP_SERVERS, SCHEMA_REGISTRY_URL, require_setting
+from k2_resources.settings import (
+    KAFKA_BOOTSTRAP_SERVERS,
+    KAFKA_CLIENT_PREFIX,
+    SCHEMA_REGISTRY_CLIENT_PREFIX,
+    SCHEMA_REGISTRY_URL,
+    client_properties,
+    require_setting,
+)
 from k2_resources.simulator.faults import (
     CLEAN,
     FIELD_FAULTS,
@@ -110,8 +117,11 @@ def produce(
         rates=parse_faults(faults),
         seed=seed if seed is not None else random.SystemRandom().randrange(2**32),
     )
-    producer = Producer({"bootstrap.servers": bootstrap, **PRODUCER_CONFIG})
-    with SchemaRegistryClient({"url": registry_url}) as registry:
+    producer = Producer(
+        {"bootstrap.servers": bootstrap, **PRODUCER_CONFIG, **client_properties(KAFKA_CLIENT_PREFIX)}
+    )
+    registry_config = {"url": registry_url, **client_properties(SCHEMA_REGISTRY_CLIENT_PREFIX)}
+    with SchemaRegistryClient(registry_config) as registry:
         return run(plan, registry, producer, realtime)
 
 
