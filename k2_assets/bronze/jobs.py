@@ -24,7 +24,7 @@ from k2_resources.iceberg_maintenance import (
     reclaim_storage,
     retry_on_conflict,
 )
-from k2_resources.kafka import KafkaResource
+from k2_resources.kafka import KafkaResource, close_consumer
 
 INGESTION_TAG = "k2/ingestion"
 # Runs that maintain tables carry this tag; dagster.yaml limits how many run at once.
@@ -107,7 +107,7 @@ def build_ingestion_job(exchange: ExchangeConfig) -> dg.JobDefinition:
             )
             summary = ingestion.run()
         finally:
-            consumer.close()
+            close_consumer(consumer)
         context.log.info(
             f"Ingested {summary.rows} records of {exchange.topic} in {summary.commits} commits; "
             f"stopped: {summary.stop_reason}; offsets {summary.start_offsets} -> {summary.end_offsets}"
