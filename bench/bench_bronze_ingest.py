@@ -1,15 +1,14 @@
 """Benchmark: exactly-once Kafka -> Bronze ingestion, records/s and peak RSS, against the broker's own rate.
 
-On a dev stack of its own (mock Kafka cluster + Schema Registry in a temporary K2_HOME, SQLite catalog)
-it runs `k2 ingest --exchange binance` as a child process, long-running, and produces `--records` real
-V2 trades (~160-byte Confluent-framed Avro, round-robin over the topic's 4 partitions) while it runs.
+On a dev stack of its own (a real Apache Kafka broker + Schema Registry in a temporary K2_HOME, SQLite
+catalog) it runs `k2 ingest --exchange binance` as a child process, long-running, and produces `--records`
+real V2 trades (~160-byte Confluent-framed Avro, round-robin over the topic's 4 partitions) while it runs.
 
-The mock broker keeps only ~5 MB per partition (~24,900 of these records), so a producer that ran ahead
-would lose records. The producer is therefore throttled on Bronze's own progress: the consumer-group
-offsets (`k2-bronze-<exchange>`) that ingestion mirrors right after each Iceberg commit. It never has
-more than `--max-ahead` records per partition beyond what Bronze committed, so nothing can be dropped
-unread (and if it were, ingestion would stop with a Kafka gap error, which fails this benchmark).
-Ingestion's batch size must stay below that window, or it would wait for records the producer may not send.
+The producer is throttled on Bronze's own progress (the consumer-group offsets `k2-bronze-<exchange>`
+that ingestion mirrors after each Iceberg commit): it never has more than `--max-ahead` records per
+partition beyond what Bronze committed, so the figure is ingestion's sustained pace with a backlog of a
+known size, not the time to drain a topic filled beforehand. Ingestion's batch size must stay below that
+window, or it would wait for records the producer may not send.
 
 Once every record is committed the child is stopped, and the benchmark checks Bronze holds exactly N rows,
 (partition, offset) unique and contiguous from 0 in every partition, and the offsets stored in the last
