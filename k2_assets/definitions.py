@@ -10,6 +10,7 @@ load_devstack_env()
 
 # Layer modules, not their `defs`: Dagster refuses a module with several Definitions at its top level.
 from k2_assets.bronze import definitions as bronze  # noqa: E402
+from k2_assets.feeds import definitions as feeds  # noqa: E402
 from k2_assets.gold import definitions as gold  # noqa: E402
 from k2_assets.resources import automation_status, build_resources  # noqa: E402
 from k2_assets.run_supervision import orphaned_run_sensor  # noqa: E402
@@ -34,6 +35,7 @@ defs = dg.Definitions.merge(
     bronze.defs,
     silver.defs,
     gold.defs,
+    feeds.defs,
     dg.Definitions(
         sensors=[freshness_sensor, automation_sensor, orphaned_run_sensor], resources=build_resources()
     ),

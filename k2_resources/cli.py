@@ -10,6 +10,7 @@ import sys
 COMMAND_MODULES = (
     "k2_resources.devstack.cli",
     "k2_resources.simulator.cli",
+    "k2_resources.feeds.cli",
     "k2_assets.cli",
     "k2_assets.dev",
 )

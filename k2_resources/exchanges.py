@@ -29,6 +29,12 @@ class ExchangeConfig:
     # The topic, as the dev stack creates it (a real cluster's topics are its operators').
     kafka_partitions: int = 4
     kafka_retention_hours: float = 72.0
+    # The live feed (k2_resources/feeds/client.py): the documented endpoint, the symbols it subscribes to
+    # by default (native spelling), and how long a symbol may go without a trade before the topic's
+    # freshness check fails.
+    feed_url: str = ""
+    feed_symbols: tuple[str, ...] = ()
+    feed_max_silence_seconds: float = 300.0
 
     @property
     def code(self) -> str:
@@ -72,6 +78,8 @@ EXCHANGES: tuple[ExchangeConfig, ...] = (
         retention_days=7,
         target_file_size_bytes=128 * MB,
         commit_interval_seconds=10.0,
+        feed_url="wss://stream.binance.com:9443/stream",
+        feed_symbols=("BTCUSDT", "ETHUSDT", "SOLUSDT", "BNBUSDT", "DOGEUSDT"),
     ),
     ExchangeConfig(
         name="kraken",
@@ -79,6 +87,8 @@ EXCHANGES: tuple[ExchangeConfig, ...] = (
         target_file_size_bytes=64 * MB,
         commit_interval_seconds=30.0,
         symbol_aliases={"XBT": "BTC", "XDG": "DOGE"},
+        feed_url="wss://ws.kraken.com/v2",
+        feed_symbols=("BTC/USD", "ETH/USD", "SOL/USD", "DOGE/USD"),
     ),
 )
 

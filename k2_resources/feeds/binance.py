@@ -7,8 +7,9 @@ the aggressor side V2 records.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from k2_resources.exchanges import ExchangeConfig
 from k2_resources.feeds import (
@@ -21,6 +22,7 @@ from k2_resources.feeds import (
     to_decimal,
     v2_record,
 )
+from k2_resources.feeds.protocol import Classified, Kind
 
 EVENT_TYPE = "trade"
 
@@ -71,3 +73,40 @@ def to_v2(
         },
     )
     return [record]
+
+
+# The live protocol (https://developers.binance.com/docs/binance-spot-api-docs/web-socket-streams):
+# streams are chosen in the URL, the server pings every 20 s (the websockets library answers with a
+# pong), and a connection is closed by the server after 24 hours, which the client treats like any
+# other disconnect of a healthy connection: it reconnects at once.
+
+
+def connect_url(url: str, symbols: Sequence[str]) -> str:
+    """`<url>?streams=btcusdt@trade/ethusdt@trade`: the combined stream of every symbol's trades."""
+    if not symbols:
+        raise ValueError("Binance feed symbols is empty: name at least one symbol, e.g. BTCUSDT")
+    parts = urlsplit(url)
+    streams = "/".join(f"{s.lower()}@{EVENT_TYPE}" for s in symbols)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path or "/stream", f"streams={streams}", ""))
+
+
+def subscribe_requests(symbols: Sequence[str]) -> list[dict[str, Any]]:
+    """Nothing to send: the URL already subscribes."""
+    return []
+
+
+def ping_request(number: int) -> dict[str, Any] | None:
+    """Binance has no application-level ping; WebSocket ping frames keep the connection alive."""
+    return None
+
+
+def classify(message: Mapping[str, Any]) -> Classified:
+    """A trade event (bare or combined-stream wrapped), a request's result, an error, or unknown."""
+    event = unwrap(message) if isinstance(message.get("data"), Mapping) else message
+    if event.get("e") == EVENT_TYPE:
+        return Classified(Kind.TRADES)
+    if "result" in message and "id" in message:
+        return Classified(Kind.ACK, f"request {message['id']}")
+    if "code" in message and "msg" in message:
+        return Classified(Kind.REJECTED, f"Binance error {message['code']}: {message['msg']}")
+    return Classified(Kind.UNKNOWN, f"event type {event.get('e')!r}")

@@ -8,7 +8,7 @@ exact. Symbols may use Kraken's legacy `XBT`; `ExchangeConfig.normalise_symbol` 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,6 +22,7 @@ from k2_resources.feeds import (
     to_decimal,
     v2_record,
 )
+from k2_resources.feeds.protocol import Classified, Kind
 
 CHANNEL = "trade"
 MESSAGE_TYPES = ("snapshot", "update")
@@ -93,3 +94,49 @@ def parse_timestamp(text: str) -> datetime:
     if moment.tzinfo is None:
         raise ValueError(f"Kraken trade timestamp has no UTC offset: {text!r}")
     return moment.astimezone(UTC)
+
+
+# The live protocol (https://docs.kraken.com/api/docs/websocket-v2/trade): subscribe to the `trade`
+# channel with a snapshot (the book's most recent trades, which after a reconnect repeat trades already
+# sent: they keep their message_id, and Gold removes them), acknowledgements per symbol, a `heartbeat`
+# channel about once a second, and a `status` channel whose `system` says online or maintenance.
+# v1's `{"event": "heartbeat"}` and `{"event": "systemStatus"}` are understood too.
+ONLINE = "online"
+
+
+def connect_url(url: str, symbols: Sequence[str]) -> str:
+    """The endpoint itself: Kraken subscribes by message."""
+    return url
+
+
+def subscribe_requests(symbols: Sequence[str]) -> list[dict[str, Any]]:
+    if not symbols:
+        raise ValueError("Kraken feed symbols is empty: name at least one pair, e.g. BTC/USD")
+    params = {"channel": CHANNEL, "symbol": list(symbols), "snapshot": True}
+    return [{"method": "subscribe", "params": params, "req_id": 1}]
+
+
+def ping_request(number: int) -> dict[str, Any] | None:
+    return {"method": "ping", "req_id": number}
+
+
+def classify(message: Mapping[str, Any]) -> Classified:
+    """Sort one v2 (or v1 control) message into the kinds the client acts on."""
+    channel, method, event = message.get("channel"), message.get("method"), message.get("event")
+    if channel == CHANNEL:
+        return Classified(Kind.TRADES)
+    if channel == "heartbeat" or event == "heartbeat":
+        return Classified(Kind.HEARTBEAT)
+    if method == "pong":
+        return Classified(Kind.PONG)
+    if method in ("subscribe", "unsubscribe"):
+        if message.get("success") is True:
+            return Classified(Kind.ACK, f"{method} {message.get('result')}")
+        return Classified(Kind.REJECTED, f"Kraken refused {method}: {message.get('error')!r}")
+    if channel == "status":
+        data = message.get("data")
+        entry = data[0] if isinstance(data, list) and data and isinstance(data[0], Mapping) else {}
+        return Classified(Kind.STATUS, str(entry.get("system", "unknown")))
+    if event == "systemStatus":
+        return Classified(Kind.STATUS, str(message.get("status", "unknown")))
+    return Classified(Kind.UNKNOWN, f"channel={channel!r} method={method!r} event={event!r}")

@@ -1,0 +1,1 @@
+"""Live exchange feeds: WebSocket -> Kafka, as long-running jobs kept alive by sensors."""

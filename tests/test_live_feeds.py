@@ -1,0 +1,442 @@
+"""Live feeds against local servers speaking the exchanges' documented protocols (tests/exchange_servers.py).
+
+Without Kafka: every trade the server sent is produced (forced disconnects, resends, snapshots,
+batches), resends keep their message_id, reconnects back off and are rate-limited, a silent socket is
+dropped, trade-id gaps are reported, malformed frames are counted, a refused subscription fails naming
+the setting. With a real dev stack: the Dagster feed jobs -> Bronze -> Silver -> Gold, every V2 field
+checked against what the server sent, Gold holding each trade once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import Counter, defaultdict
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pytest
+
+from k2_assets.bronze.assets import kafka_topic_key
+from k2_assets.bronze.tables import bronze_table_spec
+from k2_assets.definitions import defs
+from k2_assets.feeds.checks import FRESH_CHECK, freshness_evaluation
+from k2_assets.feeds.jobs import FEED_TAG, FeedConfig
+from k2_assets.feeds.sensors import build_feed_sensor
+from k2_assets.gold.tables import GOLD_TABLE_SPEC
+from k2_assets.silver.tables import silver_table_spec
+from k2_resources.exchanges import exchange
+from k2_resources.feeds import datetime_to_micros
+from k2_resources.feeds.client import FeedClient, FeedConfigError, FeedSettings
+from k2_resources.feeds.sink import trade_message_id
+from tests.exchange_servers import (
+    SNAPSHOT_SIZE,
+    Close,
+    ExchangeServer,
+    Heartbeat,
+    Raw,
+    Refuse,
+    Replay,
+    Silence,
+    Skip,
+    Status,
+    Trade,
+    Trades,
+)
+from tests.pipeline_helpers import build_silver, hours_back, materialize, table_rows, this_hour
+
+BINANCE_SYMBOLS = ("BTCUSDT", "ETHUSDT", "SOLUSDT")
+KRAKEN_SYMBOLS = ("BTC/USD", "ETH/USD", "SOL/USD")
+SYMBOLS = {"binance": BINANCE_SYMBOLS, "kraken": KRAKEN_SYMBOLS}
+QUICK = {
+    "read_timeout_seconds": 3.0,
+    "ping_interval_seconds": 0.3,
+    "backoff_initial_seconds": 0.05,
+    "backoff_max_seconds": 2.0,
+    "report_interval_seconds": 0.5,
+    "reconnect_limit": 100,
+    "reconnect_window_seconds": 60.0,
+}
+
+
+class Feed:
+    """A FeedClient on its own thread, collecting records and reports, stopped by the test."""
+
+    def __init__(
+        self, name: str, server: ExchangeServer, symbols: tuple[str, ...] | None = None, **overrides
+    ):
+        settings = FeedSettings(url=server.url, symbols=symbols or server.symbols, **{**QUICK, **overrides})
+        self.records: list[dict[str, Any]] = []
+        self.reports: list[dict[str, Any]] = []
+        self.client = FeedClient(
+            exchange(name), settings, self.records.extend, self.reports.append, message_id=trade_message_id
+        )
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.client.run()
+        except BaseException as err:  # handed to the test thread
+            self.error = err
+
+    def run_until(self, done, timeout: float = 30.0) -> Feed:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not done() and self.thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.client.stop()
+        self.thread.join(10)
+        if self.error is not None:
+            raise self.error
+        assert done(), f"feed did not finish in {timeout} s: {self.client.stats.metadata()}"
+        return self
+
+    def run_through(self, server: ExchangeServer, timeout: float = 30.0) -> Feed:
+        """Until the server's script is done and as many records arrived as it sent."""
+        return self.run_until(lambda: server.done.is_set() and len(self.records) >= len(server.sent), timeout)
+
+
+def key(record: dict[str, Any]) -> tuple[str, int]:
+    return record["symbol"], record["source_sequence"]
+
+
+def server_key(name: str, trade: Trade) -> tuple[str, int]:
+    return exchange(name).normalise_symbol(trade.symbol)[0], trade.trade_id
+
+
+def assert_matches_server(name: str, record: dict[str, Any], trade: Trade) -> None:
+    """Every V2 field of a record against the native trade the server sent (record as produced or read back)."""
+    config = exchange(name)
+    symbol, _, quote = config.normalise_symbol(trade.symbol)
+    timestamp = (trade.time_us // 1000) * 1000 if name == "binance" else trade.time_us
+    as_micros = (
+        record["timestamp"]
+        if isinstance(record["timestamp"], int)
+        else datetime_to_micros(record["timestamp"])
+    )
+    assert as_micros == timestamp
+    assert record["trade_id"] == f"{config.code}-{trade.trade_id}"
+    assert (record["symbol"], record["currency"], record["exchange"]) == (symbol, quote, config.code)
+    assert record["asset_class"] == "crypto"
+    assert record["price"] == Decimal(trade.price) and record["quantity"] == Decimal(trade.qty)
+    assert record["side"] == trade.side.upper()
+    assert list(record["trade_conditions"]) == []
+    assert record["source_sequence"] == trade.trade_id
+    assert record["message_id"] == trade_message_id(
+        {"exchange": config.code, "symbol": symbol, "trade_id": record["trade_id"]}
+    )
+    vendor = (
+        record["vendor_data"]
+        if isinstance(record["vendor_data"], dict)
+        else json.loads(record["vendor_data"])
+    )
+    if name == "binance":
+        assert vendor["is_buyer_maker"] == ("true" if trade.side == "sell" else "false")
+        assert vendor["event_type"] == "trade" and vendor["event_time"] == str(trade.time_us // 1000 + 2)
+    else:
+        assert vendor == {"pair": trade.symbol, "order_type": trade.ord_type}
+    received = record["ingestion_timestamp"]
+    received_us = received if isinstance(received, int) else datetime_to_micros(received)
+    assert trade.time_us <= received_us <= time.time_ns() // 1000
+
+
+def assert_exactly_what_was_sent(name: str, feed: Feed, server: ExchangeServer) -> None:
+    """Same trades, same multiplicity; each copy of a trade under one message_id; fields exact."""
+    assert Counter(map(key, feed.records)) == Counter(server_key(name, t) for t in server.sent)
+    ids_by_trade = defaultdict(set)
+    for record in feed.records:
+        ids_by_trade[key(record)].add(record["message_id"])
+    assert all(len(ids) == 1 for ids in ids_by_trade.values())
+    assert len({next(iter(ids)) for ids in ids_by_trade.values()}) == len(ids_by_trade)
+    trades = {server_key(name, t): t for t in server.sent}
+    for record in feed.records:
+        assert_matches_server(name, record, trades[key(record)])
+    sequences = [r["platform_sequence"] for r in feed.records]
+    assert sequences == sorted(sequences) and len(set(sequences)) == len(sequences)
+
+
+def test_binance_feed_produces_every_trade_across_forced_disconnects() -> None:
+    script = [[Trades(60), Close()], [Replay(6), Trades(60), Close()], [Trades(40)]]
+    with ExchangeServer("binance", BINANCE_SYMBOLS, script, seed=3) as server:
+        feed = Feed("binance", server).run_through(server)
+    assert len(feed.records) == len(server.sent) == 166
+    assert_exactly_what_was_sent("binance", feed, server)
+    stats = feed.client.stats
+    assert (stats.connections, stats.reconnects, stats.duplicates, stats.gap_count) == (3, 2, 6, 0)
+    assert server.requests[0] == "/stream?streams=btcusdt@trade/ethusdt@trade/solusdt@trade"
+    # A server-initiated close of a healthy connection is followed by an immediate reconnect.
+    assert max(b - a for a, b in zip(server.connections, server.connections[1:], strict=False)) < 1.0
+
+
+def test_kraken_feed_keeps_every_trade_of_batches_and_snapshots() -> None:
+    script = [
+        [Heartbeat(), Trades(150), Status("maintenance"), Close()],
+        [Status("online"), Trades(150), Heartbeat()],
+    ]
+    with ExchangeServer("kraken", KRAKEN_SYMBOLS, script, seed=4) as server:
+        feed = Feed("kraken", server).run_through(server)
+        time.sleep(0.7)  # long enough for an application-level ping
+    assert_exactly_what_was_sent("kraken", feed, server)
+    batches = [len(a.trades) for s in server.sessions for a in s if getattr(a, "trades", ())]
+    assert max(batches) > 1  # batched messages were sent, and every trade of them was kept
+    stats = feed.client.stats
+    # The second connection's snapshot repeats each book's latest trades: produced again, same ids.
+    assert stats.duplicates == SNAPSHOT_SIZE * len(KRAKEN_SYMBOLS)
+    assert stats.heartbeats >= 2 and stats.system_status == "online" and stats.gap_count == 0
+    subscribe = server.received[0]
+    assert subscribe["params"] == {"channel": "trade", "symbol": list(KRAKEN_SYMBOLS), "snapshot": True}
+
+
+def test_reconnects_back_off_exponentially_with_jitter() -> None:
+    script = [[Refuse()] for _ in range(5)] + [[Trades(3)]]
+    with ExchangeServer("binance", BINANCE_SYMBOLS, script) as server:
+        feed = Feed("binance", server, backoff_initial_seconds=0.1, backoff_max_seconds=10.0)
+        feed.run_through(server, timeout=20)
+    intervals = [b - a for a, b in zip(server.connections, server.connections[1:], strict=False)]
+    # Refused connections: 0.1, 0.2, 0.4, 0.8, 1.6 s (each +-25 % jitter), plus connect overheads.
+    for n, interval in enumerate(intervals):
+        expected = 0.1 * 2**n
+        assert 0.75 * expected <= interval <= 1.25 * expected + 0.25, (n, intervals)
+    assert intervals == sorted(intervals)
+    assert feed.client.stats.reconnects == 5 and len(feed.records) == 3
+
+
+def test_reconnects_are_rate_limited() -> None:
+    script = [[Trades(1), Close()] for _ in range(5)] + [[Trades(1)]]
+    with ExchangeServer("binance", BINANCE_SYMBOLS, script) as server:
+        feed = Feed("binance", server, reconnect_limit=2, reconnect_window_seconds=1.0).run_through(server)
+    connections = server.connections
+    assert len(connections) == 6
+    # Never more than 2 connections in any 1 s, although each ended healthy (immediate reconnect).
+    assert all(later - earlier >= 0.95 for earlier, later in zip(connections, connections[2:], strict=False))
+    assert connections[1] - connections[0] < 0.5
+    assert feed.client.stats.rate_limited_waits >= 2 and len(feed.records) == 6
+
+
+@pytest.mark.parametrize("name", ["binance", "kraken"])
+def test_a_silent_socket_is_detected_and_replaced(name: str) -> None:
+    script = [[Trades(5), Silence(30)], [Trades(5)]]
+    with ExchangeServer(name, SYMBOLS[name], script) as server:
+        feed = Feed(name, server, read_timeout_seconds=0.6).run_through(server)
+    assert feed.client.stats.silent_timeouts == 1
+    silent_for = server.connections[1] - server.connections[0]
+    assert 0.6 <= silent_for < 3.0
+    assert_exactly_what_was_sent(name, feed, server)
+
+
+@pytest.mark.parametrize("name", ["binance", "kraken"])
+def test_a_trade_id_gap_is_recorded_with_its_size(name: str, caplog: pytest.LogCaptureFixture) -> None:
+    native = SYMBOLS[name][1]
+    symbol = exchange(name).normalise_symbol(native)[0]
+    script = [[Trades(30), Close()], [Skip(native, 7), Trades(30)]]
+    caplog.set_level(logging.WARNING, logger="k2_resources.feeds.client")
+    with ExchangeServer(name, SYMBOLS[name], script, seed=5) as server:
+        feed = Feed(name, server).run_through(server)
+    stats = feed.client.stats
+    assert stats.gap_count == 1
+    [gap] = stats.gaps
+    assert (gap.symbol, gap.missing, gap.connection) == (symbol, 7, 2)
+    metadata = feed.reports[-1]
+    assert metadata["gaps"] == 1 and metadata["missing_trades"] == 7
+    assert metadata["symbols"][symbol]["missing_trades"] == 7
+    assert metadata["recent_gaps"][0]["next_trade_id"] - metadata["recent_gaps"][0]["after_trade_id"] == 8
+    assert f"trade-id gap on {symbol}: 7 trade(s) missing" in caplog.text
+    assert_exactly_what_was_sent(name, feed, server)
+
+
+BINANCE_JUNK = [
+    Raw("not json at all"),
+    Raw("[1, 2, 3]"),
+    Raw('{"stream":"btcusdt@trade","data":{"e":"trade","s":"BTCUSDT","t":5}}'),  # fields missing
+    Raw('{"stream":"btcusdt@aggTrade","data":{"e":"aggTrade","s":"BTCUSDT"}}'),  # unknown
+    Raw('{"result":null,"id":1}'),  # a request's answer
+]
+KRAKEN_JUNK = [
+    Raw("{truncated"),
+    Raw(
+        '{"channel":"trade","type":"update","data":[{"symbol":"BTC/USD","side":"sideways","price":1,'
+        '"qty":1,"ord_type":"limit","trade_id":1,"timestamp":"2026-01-01T00:00:00.000000Z"}]}'
+    ),
+    Raw('{"channel":"trade","type":"update","data":[{"symbol":"BTC/USD"}]}'),
+    Raw('{"channel":"book","type":"update","data":[]}'),  # unknown
+    Raw('{"method":"pong","req_id":9}'),
+]
+
+
+@pytest.mark.parametrize("name", ["binance", "kraken"])
+def test_malformed_and_unknown_messages_are_counted_and_skipped(name: str) -> None:
+    junk = BINANCE_JUNK if name == "binance" else KRAKEN_JUNK
+    script = [[Trades(10), *junk, Trades(10)]]
+    with ExchangeServer(name, SYMBOLS[name], script) as server:
+        feed = Feed(name, server).run_through(server)
+    stats = feed.client.stats
+    assert (stats.malformed, stats.unknown) == (3, 1)
+    assert feed.reports[-1]["malformed_messages"] == 3
+    assert_exactly_what_was_sent(name, feed, server)
+
+
+def test_kraken_refusing_a_symbol_fails_naming_the_setting() -> None:
+    with ExchangeServer("kraken", ("BTC/USD",), [[Trades(5)]]) as server:
+        feed = Feed("kraken", server, symbols=("BTC/USD", "FOO/BAR"))
+        with pytest.raises(FeedConfigError, match="feed symbols setting"):
+            feed.run_until(lambda: False, timeout=10)
+    assert len(server.connections) == 1  # not retried: retrying cannot fix configuration
+
+
+@pytest.mark.parametrize(
+    ("change", "setting"),
+    [
+        ({"read_timeout_seconds": 0}, "read_timeout_seconds"),
+        ({"backoff_jitter": 1.5}, "backoff_jitter"),
+        ({"max_trades": 0}, "max_trades"),
+        ({"symbols": ()}, "symbols"),
+    ],
+)
+def test_feed_settings_that_cannot_work_are_refused_naming_them(change: dict, setting: str) -> None:
+    with pytest.raises(FeedConfigError, match=setting):
+        FeedSettings(**{"url": "ws://x", "symbols": ("BTCUSDT",), **change}).validate()
+
+
+def test_run_config_defaults_to_the_exchange_config() -> None:
+    settings = FeedConfig().settings(exchange("kraken"))
+    assert settings.url == "wss://ws.kraken.com/v2" and settings.symbols == exchange("kraken").feed_symbols
+    assert FeedConfig(symbols=["ETH/USD"]).settings(exchange("kraken")).symbols == ("ETH/USD",)
+
+
+def test_sensor_launches_one_tagged_feed_run_and_reports_an_unreported_feed_as_stale() -> None:
+    sensor = build_feed_sensor(exchange("binance"))
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = sensor(dg.build_sensor_context(instance=instance, cursor=None))
+        [request] = result.run_requests
+        assert request.tags == {FEED_TAG: "binance"}
+        [evaluation] = result.asset_events
+        assert evaluation.check_name == FRESH_CHECK and not evaluation.passed
+
+
+@pytest.mark.slow
+def test_feeds_end_to_end_through_bronze_silver_and_gold(fresh_devstack: Path) -> None:
+    scripts = {
+        "binance": [[Trades(1500), Close()], [Replay(25), Trades(1500)]],
+        "kraken": [[Trades(1200), Heartbeat(), Close()], [Status("online"), Trades(1200)]],
+    }
+    servers = {name: ExchangeServer(name, SYMBOLS[name], script, seed=11) for name, script in scripts.items()}
+    with dg.DagsterInstance.ephemeral() as instance:
+        results = {}
+        for name, server in servers.items():
+            with server:
+                config = {"url": server.url, "symbols": list(server.symbols), "max_trades": len(server.sent)}
+                config["report_interval_seconds"] = 0.5
+                run_config = {"ops": {f"run_{name}_feed": {"config": config}}}
+                results[name] = defs.resolve_job_def(f"{name}_feed").execute_in_process(
+                    run_config=run_config, instance=instance
+                )
+            assert results[name].success
+        assert build_silver(instance).success
+        assert materialize(instance, ["gold_crypto_trades"], hours_back(1), this_hour()).success
+        for name, server in servers.items():
+            check_layers(name, server, results[name], instance)
+
+
+def check_layers(name: str, server: ExchangeServer, result: dg.ExecuteInProcessResult, instance) -> None:
+    config = exchange(name)
+    sent, unique = server.sent, server.unique_trades()
+    assert len(sent) > 2000 and len(unique) < len(sent)  # a few thousand trades, resends among them
+    observations = [
+        e.event_specific_data.asset_observation
+        for e in result.all_events
+        if e.event_type == dg.DagsterEventType.ASSET_OBSERVATION
+    ]
+    final = observations[-1]
+    assert final.asset_key == kafka_topic_key(config)
+    assert final.metadata["trades_produced"].value == len(sent)
+    assert final.metadata["kafka_delivered"].value == len(sent)
+    assert final.metadata["reconnects"].value == 1 and final.metadata["gaps"].value == 0
+    assert final.metadata["duplicates"].value == len(sent) - len(unique)
+    assert final.metadata["messages_per_second"].value > 0
+    # Bronze: every record once, keyed by symbol, stamped with the trade time.
+    bronze = table_rows(bronze_table_spec(config)).to_pylist()
+    assert len(bronze) == len(sent)
+    by_trade_time = Counter((r["message_key"].decode(), r["kafka_timestamp"]) for r in bronze)
+    assert by_trade_time == Counter(
+        (config.normalise_symbol(t.symbol)[0], datetime.fromtimestamp(t.time_us // 1000 / 1000, UTC))
+        for t in sent
+    )
+    # Silver: every record valid, resends included.
+    assert table_rows(silver_table_spec(config)).num_rows == len(sent)
+    # Gold: each exchange trade once, every field as the server sent it.
+    gold = [r for r in table_rows(GOLD_TABLE_SPEC).to_pylist() if r["exchange"] == config.code]
+    assert len(gold) == len(unique)
+    trades = {server_key(name, t): t for t in sent}
+    assert {(r["symbol"], r["source_sequence"]) for r in gold} == set(trades)
+    for row in gold:
+        assert_matches_server(name, row, trades[(row["symbol"], row["source_sequence"])])
+    # The freshness check: fresh now, failing once the symbols have been silent longer than allowed.
+    assert freshness_evaluation(instance, config).passed
+    later = max(t.time_us for t in sent) + int((config.feed_max_silence_seconds + 5) * 1e6)
+    stale = freshness_evaluation(instance, config, now_us=later)
+    assert not stale.passed and set(stale.metadata["silent_symbols"].value) == {
+        config.normalise_symbol(s)[0] for s in server.symbols
+    }
+
+
+def test_undeliverable_records_are_retried_then_fail_the_feed(devstack_env: dict[str, str]) -> None:
+    """A broker that never answers: each record is produced again, then the feed fails loudly."""
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+
+    from k2_resources.feeds.sink import FeedDeliveryError, TopicSink
+
+    registry = SchemaRegistryClient({"url": devstack_env["K2_SCHEMA_REGISTRY_URL"]})
+    unreachable = {"bootstrap.servers": "127.0.0.1:9", "message.timeout.ms": 300}
+    sink = TopicSink(exchange("binance"), unreachable, registry, max_redeliveries=2)
+    with ExchangeServer("binance", BINANCE_SYMBOLS, [[Trades(3)]]) as server:
+        feed = Feed("binance", server)
+        feed.client.sink = sink
+        feed.run_until(lambda: feed.client.stats.trades >= 3)
+    with pytest.raises(FeedDeliveryError, match="failed delivery 3 time"):
+        sink.close(timeout=5)
+    assert sink.delivered == 0 and sink.redelivered >= 2
+
+
+def test_k2_feed_cli_produces_the_servers_trades_to_kafka(
+    devstack_env: dict[str, str], devstack_home: Path
+) -> None:
+    from confluent_kafka import Consumer, TopicPartition
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+    from confluent_kafka.schema_registry.avro import AvroDeserializer
+
+    from tests.conftest import k2
+
+    config = exchange("kraken")
+    script = [[Trades(200), Close()], [Trades(200)]]
+    with ExchangeServer("kraken", KRAKEN_SYMBOLS, script, seed=8) as server:
+        run = k2(
+            "feed", "--exchange", "kraken", "--url", server.url, "--symbols", ",".join(KRAKEN_SYMBOLS),
+            "--max-trades", str(len(server.sent)), "--report-interval", "0.5", home=devstack_home, timeout=60,
+        )  # fmt: skip
+    final = json.loads(run.stdout.strip().splitlines()[-1])
+    assert final["trades_produced"] == len(server.sent) and final["reconnects"] == 1
+    consumer = Consumer({"bootstrap.servers": devstack_env["K2_KAFKA_BOOTSTRAP_SERVERS"], "group.id": "t"})
+    registry = SchemaRegistryClient({"url": devstack_env["K2_SCHEMA_REGISTRY_URL"]})
+    decode = AvroDeserializer(registry)
+    partitions = consumer.list_topics(config.topic, timeout=10).topics[config.topic].partitions
+    consumer.assign([TopicPartition(config.topic, p, 0) for p in partitions])
+    records = []
+    deadline = time.monotonic() + 30
+    while len(records) < len(server.sent) and time.monotonic() < deadline:
+        message = consumer.poll(0.5)
+        if message is not None and not message.error():
+            value = decode(message.value(), None)
+            assert message.key().decode() == value["symbol"]
+            assert message.timestamp()[1] == datetime_to_micros(value["timestamp"]) // 1000
+            records.append(value)
+    consumer.close()
+    assert len(records) == len(server.sent)
+    trades = {server_key("kraken", t): t for t in server.sent}
+    for record in records:
+        assert_matches_server("kraken", record, trades[key(record)])
