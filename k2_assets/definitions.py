@@ -12,6 +12,7 @@ load_devstack_env()
 from k2_assets.bronze import definitions as bronze  # noqa: E402
 from k2_assets.feeds import definitions as feeds  # noqa: E402
 from k2_assets.gold import definitions as gold  # noqa: E402
+from k2_assets.maintenance import definitions as maintenance  # noqa: E402
 from k2_assets.resources import automation_status, build_resources  # noqa: E402
 from k2_assets.run_supervision import orphaned_run_sensor  # noqa: E402
 from k2_assets.silver import definitions as silver  # noqa: E402
@@ -35,6 +36,7 @@ defs = dg.Definitions.merge(
     bronze.defs,
     silver.defs,
     gold.defs,
+    maintenance.defs,
     feeds.defs,
     dg.Definitions(
         sensors=[freshness_sensor, automation_sensor, orphaned_run_sensor], resources=build_resources()

@@ -107,9 +107,15 @@ class ReclaimReport:
     deleted_bytes: int
 
 
-def retry_on_conflict(
-    table: Table, action: Callable[[Table], T], attempts: int = 20, max_backoff_seconds: float = 5.0
-) -> T:
+COMMIT_ATTEMPTS = 20
+
+
+def backoff(attempt: int, max_seconds: float = 5.0) -> None:
+    """Sleep a jittered, exponentially growing time before retry `attempt` of a lost commit race."""
+    time.sleep(random.uniform(0, min(max_seconds, 0.05 * 2**attempt)))
+
+
+def retry_on_conflict(table: Table, action: Callable[[Table], T], attempts: int = COMMIT_ATTEMPTS) -> T:
     """Run a maintenance commit, reloading and retrying when a concurrent commit wins the race.
 
     Safe for idempotent actions only (a delete by predicate, an expiry by age): a retry recomputes
@@ -123,7 +129,7 @@ def retry_on_conflict(
             if attempt == attempts - 1:
                 raise
             log.info("Maintenance commit on %s met a concurrent commit; retrying", table.name())
-            time.sleep(random.uniform(0, min(max_backoff_seconds, 0.05 * 2**attempt)))
+            backoff(attempt)
             table = table.refresh()
     raise AssertionError("unreachable")
 

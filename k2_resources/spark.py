@@ -154,6 +154,8 @@ class IcebergSparkResource(LazyPySparkResource):
             "spark.app.name": "k2-maintenance",
             "spark.ui.enabled": "false",
             "spark.sql.session.timeZone": "UTC",
+            # Maintenance shuffles file lists, not data: Spark's 200 partitions only add task overhead.
+            "spark.sql.shuffle.partitions": "8",
             **iceberg_spark_config(self.catalog_name, self.iceberg.resolved_properties()),
         }
         return {**base, **self.spark_config}

@@ -2,8 +2,8 @@
 
 Maintenance only cares about commits, files and offsets, so these helpers commit synthetic records
 through the real committer into a real SQL catalog: every commit carries its offsets and moves the
-offsets tag exactly as a live ingestion run does. `python -m tests.maintenance_helpers <catalog-uri>
-<warehouse> <seconds>` keeps committing from a second process until the time is up.
+offsets tag exactly as a live ingestion run does. `python -m tests.maintenance_helpers <k2-home>
+<seconds> [rows] [pause]` keeps committing from a second process until the time is up.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 from k2_assets.bronze.ingestion import BronzeCommitter, read_stored_offsets
 from k2_assets.bronze.tables import bronze_table_spec
 from k2_resources.exchanges import exchange
-from k2_resources.iceberg import IcebergCatalogResource
+from k2_resources.iceberg import IcebergCatalogResource, TableSpec
 
 BINANCE = exchange("binance")
 BRONZE_SPEC = bronze_table_spec(BINANCE)
@@ -59,8 +59,10 @@ def bronze_rows(first_offset: int, count: int, when: datetime, partition: int = 
 class OffsetCommitter:
     """Commits synthetic batches to partition 0 through one BronzeCommitter, continuing from the stored offsets."""
 
-    def __init__(self, catalog: IcebergCatalogResource, run_id: str | None = None):
-        table = catalog.ensure_table(BRONZE_SPEC)
+    def __init__(
+        self, catalog: IcebergCatalogResource, run_id: str | None = None, spec: TableSpec = BRONZE_SPEC
+    ):
+        table = catalog.ensure_table(spec)
         self.committer = BronzeCommitter(table, read_stored_offsets(table), run_id or f"helper-{os.getpid()}")
 
     @property
@@ -118,13 +120,14 @@ def assert_bronze_complete(catalog: IcebergCatalogResource) -> int:
     return rows.num_rows
 
 
-def main(home: str, seconds: str, rows: str = "10") -> None:
-    """Commit as a second process for `seconds`, then print how many commits it made."""
+def main(home: str, seconds: str, rows: str = "10", pause: str = "0") -> None:
+    """Commit as a second process for `seconds`, `pause` apart, then print how many commits it made."""
     committer = OffsetCommitter(sqlite_catalog(Path(home)), run_id=f"process-{os.getpid()}")
     deadline, commits = time.monotonic() + float(seconds), 0
     while time.monotonic() < deadline:
         committer.commit(int(rows))
         commits += 1
+        time.sleep(float(pause))
     print(commits)
 
 

@@ -1,0 +1,138 @@
+"""Per-table maintenance jobs: retention, compaction, manifests, snapshot expiry, orphan files.
+
+Every K2 table gets an asset `maintenance/<table>` whose materialization is one maintenance pass
+(k2_assets/maintenance/actions.py); its metadata (files, bytes, snapshots and manifests before and
+after, rows deleted, snapshots expired, orphans removed, seconds per step) is numeric, so the UI
+plots it run over run. Row retention is the table's `k2.retention-days` property: Bronze 7/14
+days from the exchange config, Silver and the DLQ 30 days; Gold and the dedup audit have none and
+keep rows forever.
+
+The jobs run tagged `k2/maintenance`: dagster.yaml lets one such run go at a time, in a run slot
+of its own, so maintenance never holds ingestion's or Silver/Gold's slots; `dagster/max_runtime`
+ends one that hangs before the next is due.
+"""
+
+# No `from __future__ import annotations`: Dagster reads asset parameter annotations at definition time.
+
+from datetime import UTC, datetime
+
+import dagster as dg
+from pydantic import Field
+from pyiceberg.table import Table
+
+from k2_assets.bronze.jobs import MAINTENANCE_TAG
+from k2_assets.bronze.tables import bronze_table_spec
+from k2_assets.gold.tables import DEDUP_AUDIT_TABLE_SPEC, GOLD_TABLE_SPEC
+from k2_assets.maintenance.actions import MaintenanceTarget, maintain_table
+from k2_assets.silver.tables import DLQ_TABLE_SPEC, silver_table_spec
+from k2_resources.exchanges import EXCHANGES
+from k2_resources.iceberg import IcebergCatalogResource
+from k2_resources.iceberg_maintenance import (
+    DEFAULT_SNAPSHOT_MAX_AGE_HOURS,
+    MIN_SNAPSHOT_AGE_HOURS,
+    MaintenanceConfigError,
+    MaintenancePolicy,
+)
+from k2_resources.spark import IcebergSparkResource
+
+RETENTION_PROPERTY = "k2.retention-days"
+# Iceberg's remove_orphan_files procedure refuses a grace under 24 hours (its own guard against
+# deleting files of commits in flight), so that is the floor and the default here.
+SPARK_MIN_ORPHAN_AGE_MINUTES = 24 * 60.0
+# Longer than any pass should take, shorter than the hourly schedule: a hung run ends before the next.
+MAINTENANCE_MAX_RUNTIME_SECONDS = 50 * 60
+
+# Bronze commits every 10-30 s: hourly passes keep its snapshots and manifests few. The others are
+# rewritten every 5 minutes per running hour: every 3 hours, staggered.
+TARGETS: tuple[MaintenanceTarget, ...] = (
+    *(
+        MaintenanceTarget(bronze_table_spec(e), "ingestion_date", f"{15 + 5 * i} * * * *")
+        for i, e in enumerate(EXCHANGES)
+    ),
+    *(
+        MaintenanceTarget(silver_table_spec(e), "exchange_date", f"{35 + 5 * i} */3 * * *")
+        for i, e in enumerate(EXCHANGES)
+    ),
+    MaintenanceTarget(DLQ_TABLE_SPEC, "dlq_date", "50 */3 * * *"),
+    MaintenanceTarget(GOLD_TABLE_SPEC, "exchange_date", "55 */3 * * *"),
+    MaintenanceTarget(DEDUP_AUDIT_TABLE_SPEC, "exchange_date", "58 */3 * * *"),
+)
+
+
+class MaintenanceConfig(dg.Config):
+    """One pass's settings; the defaults suit scheduled runs. Unsafe values are refused, by name."""
+
+    snapshot_max_age_hours: float = Field(
+        DEFAULT_SNAPSHOT_MAX_AGE_HOURS,
+        description=f"Expire snapshots superseded this long ago (at least {MIN_SNAPSHOT_AGE_HOURS:g}); "
+        "branch and tag heads (Bronze's offsets) never expire.",
+    )
+    orphan_min_age_minutes: float = Field(
+        SPARK_MIN_ORPHAN_AGE_MINUTES,
+        description=f"Unreferenced files younger than this are kept (at least {SPARK_MIN_ORPHAN_AGE_MINUTES:g}).",
+    )
+    retention_days: int | None = Field(
+        None, description=f"Default: the table's {RETENTION_PROPERTY} property; none keeps rows forever."
+    )
+    compact: bool = Field(True, description="Compact closed days with rewrite_data_files.")
+
+    def policy(self, table: Table) -> MaintenancePolicy:
+        """The validated policy for this table."""
+        if self.orphan_min_age_minutes < SPARK_MIN_ORPHAN_AGE_MINUTES:
+            raise MaintenanceConfigError(
+                f"orphan_min_age_minutes must be at least {SPARK_MIN_ORPHAN_AGE_MINUTES:g} (Iceberg's "
+                f"remove_orphan_files refuses less), not {self.orphan_min_age_minutes:g}"
+            )
+        days = self.retention_days
+        if days is None and RETENTION_PROPERTY in table.properties:
+            days = int(table.properties[RETENTION_PROPERTY])
+        return MaintenancePolicy(days, self.snapshot_max_age_hours, self.orphan_min_age_minutes).validate()
+
+
+def maintenance_asset_key(target: MaintenanceTarget) -> dg.AssetKey:
+    return dg.AssetKey(["maintenance", target.spec.name])
+
+
+def build_maintenance_asset(target: MaintenanceTarget) -> dg.AssetsDefinition:
+    """`maintenance/<table>`: one pass over the table; its materialization metadata is the report."""
+    spec = target.spec
+
+    @dg.asset(
+        key=maintenance_asset_key(target),
+        group_name="maintenance",
+        kinds={"iceberg", "spark"},
+        description=f"Retention, compaction, manifest rewrite, snapshot expiry and orphan removal of {spec.identifier}.",
+        metadata={"maintained_table": spec.identifier},
+    )
+    def maintenance(
+        context: dg.AssetExecutionContext,
+        config: MaintenanceConfig,
+        iceberg: IcebergCatalogResource,
+        spark: IcebergSparkResource,
+    ) -> dg.MaterializeResult:
+        table = iceberg.ensure_table(spec)
+        policy = config.policy(table)
+        report = maintain_table(
+            spark.spark_session, spark.catalog_name, table, target, policy, datetime.now(UTC), config.compact
+        )
+        context.log.info(
+            f"{spec.identifier}: {report.before.storage_files} -> {report.after.storage_files} files on disk, "
+            f"{report.snapshots_expired} snapshots expired, {report.orphans_removed} orphans removed "
+            f"in {report.duration_seconds:.1f} s"
+        )
+        return dg.MaterializeResult(metadata=report.metadata())
+
+    return maintenance
+
+
+def build_maintenance_job(target: MaintenanceTarget):  # an unresolved asset job (not exported by dagster)
+    return dg.define_asset_job(
+        name=f"maintain_{target.spec.name}",
+        selection=[maintenance_asset_key(target)],
+        description=f"Maintenance pass over {target.spec.identifier} with Iceberg's Spark procedures.",
+        tags={MAINTENANCE_TAG: target.spec.name, "dagster/max_runtime": str(MAINTENANCE_MAX_RUNTIME_SECONDS)},
+    )
+
+
+maintenance_assets = [build_maintenance_asset(t) for t in TARGETS]
+maintenance_jobs = {t.spec.name: build_maintenance_job(t) for t in TARGETS}
