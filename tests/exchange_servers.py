@@ -93,11 +93,16 @@ class Close:
 
 
 @dataclass(frozen=True)
+class Ping:
+    """A WebSocket ping frame (Binance sends one every 20 s and drops a client that does not pong)."""
+
+
+@dataclass(frozen=True)
 class Refuse:
     """Close the connection right after the handshake, before anything is sent."""
 
 
-Step = Trades | Replay | Skip | Heartbeat | Raw | Status | Silence | Close | Refuse
+Step = Trades | Replay | Skip | Heartbeat | Raw | Status | Silence | Close | Refuse | Ping
 
 
 @dataclass
@@ -142,7 +147,7 @@ class Frame:
     trades: tuple[Trade, ...] = ()
 
 
-Action = Frame | Silence | Close | Refuse
+Action = Frame | Silence | Close | Refuse | Ping
 
 
 class ExchangeServer:
@@ -161,6 +166,7 @@ class ExchangeServer:
         self.connections: list[float] = []  # monotonic time of each accepted connection
         self.requests: list[str] = []  # the request path of each connection
         self.received: list[dict[str, Any]] = []  # client messages (Kraken subscribes, pings)
+        self.pong_seconds: list[float] = []  # how long the client took to answer each ping frame
         self.done = threading.Event()  # the last session's actions were all sent
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -276,6 +282,10 @@ class ExchangeServer:
                     await ws.send(action.text)
                 elif isinstance(action, Silence):
                     await until_closed(ws, action.seconds)
+                elif isinstance(action, Ping):
+                    sent = time.monotonic()
+                    await asyncio.wait_for(await ws.ping(), 5)
+                    self.pong_seconds.append(time.monotonic() - sent)
                 elif isinstance(action, Close):
                     await ws.close(1001, "server going away")
                     return

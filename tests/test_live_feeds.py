@@ -39,6 +39,7 @@ from tests.exchange_servers import (
     Close,
     ExchangeServer,
     Heartbeat,
+    Ping,
     Raw,
     Refuse,
     Replay,
@@ -162,7 +163,7 @@ def assert_exactly_what_was_sent(name: str, feed: Feed, server: ExchangeServer) 
 
 
 def test_binance_feed_produces_every_trade_across_forced_disconnects() -> None:
-    script = [[Trades(60), Close()], [Replay(6), Trades(60), Close()], [Trades(40)]]
+    script = [[Trades(60), Ping(), Close()], [Replay(6), Trades(60), Close()], [Trades(40), Ping()]]
     with ExchangeServer("binance", BINANCE_SYMBOLS, script, seed=3) as server:
         feed = Feed("binance", server).run_through(server)
     assert len(feed.records) == len(server.sent) == 166
@@ -170,6 +171,7 @@ def test_binance_feed_produces_every_trade_across_forced_disconnects() -> None:
     stats = feed.client.stats
     assert (stats.connections, stats.reconnects, stats.duplicates, stats.gap_count) == (3, 2, 6, 0)
     assert server.requests[0] == "/stream?streams=btcusdt@trade/ethusdt@trade/solusdt@trade"
+    assert len(server.pong_seconds) == 2 and max(server.pong_seconds) < 1.0  # Binance's ping frames answered
     # A server-initiated close of a healthy connection is followed by an immediate reconnect.
     assert max(b - a for a, b in zip(server.connections, server.connections[1:], strict=False)) < 1.0
 
@@ -440,3 +442,27 @@ def test_k2_feed_cli_produces_the_servers_trades_to_kafka(
     trades = {server_key("kraken", t): t for t in server.sent}
     for record in records:
         assert_matches_server("kraken", record, trades[key(record)])
+
+
+def test_a_refused_configuration_halts_the_sensor_until_a_person_acts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A real kraken_feed run fails with FeedConfigError; the sensor then launches nothing and says why."""
+    monkeypatch.setenv("K2_KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9")  # never reached: the feed fails first
+    monkeypatch.setenv("K2_SCHEMA_REGISTRY_URL", "http://127.0.0.1:9")
+    sensor = build_feed_sensor(exchange("kraken"))
+    with (
+        ExchangeServer("kraken", ("BTC/USD",), [[Trades(5)]]) as server,
+        dg.DagsterInstance.ephemeral() as instance,
+    ):
+        config = {"url": server.url, "symbols": ["BTC/USD", "FOO/BAR"]}
+        result = defs.resolve_job_def("kraken_feed").execute_in_process(
+            run_config={"ops": {"run_kraken_feed": {"config": config}}},
+            instance=instance,
+            tags={FEED_TAG: "kraken"},
+            raise_on_error=False,
+        )
+        assert not result.success
+        tick = sensor(dg.build_sensor_context(instance=instance, cursor=None))
+    assert not tick.run_requests
+    assert "HALTED" in tick.skip_reason.skip_message and "FOO/BAR" in tick.skip_reason.skip_message

@@ -66,8 +66,10 @@ def build_feed_job(exchange: ExchangeConfig) -> dg.JobDefinition:
         client = FeedClient(exchange, settings, sink, report, context.log, message_id=trade_message_id)
         try:
             stats = client.run()
-        finally:
-            sink.close()
+        except BaseException:
+            flush_after_failure(sink, context.log)
+            raise
+        sink.close()
         context.log_event(
             dg.AssetObservation(asset_key=topic_key, metadata=observation(stats.metadata(), sink))
         )
@@ -86,6 +88,15 @@ def build_feed_job(exchange: ExchangeConfig) -> dg.JobDefinition:
         run_feed()
 
     return feed_job
+
+
+def flush_after_failure(sink: TopicSink, log) -> None:
+    """Deliver what was produced before the feed failed; a delivery error then is logged, so that the
+    run fails with the feed's own error."""
+    try:
+        sink.close()
+    except Exception as err:
+        log.error(f"Flushing after the feed failed also failed: {err}")
 
 
 def observation(stats: dict, sink: TopicSink) -> dict:
