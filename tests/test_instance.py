@@ -111,12 +111,13 @@ def test_prepare_dagster_home_puts_the_instance_in_k2_home(
 def assert_instance_settings(instance: dg.DagsterInstance) -> None:
     """What dagster.yaml promises, as the loaded instance (and so the daemon) sees it."""
     queue = instance.get_concurrency_config().run_queue_config
-    assert queue is not None and queue.max_concurrent_runs == 4
+    assert queue is not None and queue.max_concurrent_runs == 5  # the fifth is maintenance's
     per_value = {"applyLimitPerUniqueValue": True}
     for limit in (
         {"key": "k2/ingestion", "value": per_value, "limit": 1},
         {"key": "dagster/partition", "value": per_value, "limit": 1},  # one run per hour at a time
         {"key": "k2/gold-dedup", "limit": 1},
+        {"key": "k2/maintenance", "limit": 1},  # one table maintenance run at a time
     ):
         assert limit in queue.tag_concurrency_limits
     assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
