@@ -23,7 +23,6 @@ from k2_assets.bronze.sensors import (
 )
 from k2_assets.feeds.checks import freshness_evaluation
 from k2_assets.feeds.jobs import FEED_TAG, feed_jobs
-from k2_assets.resources import automation_status
 from k2_resources.exchanges import EXCHANGES, ExchangeConfig
 
 CONFIG_ERRORS = frozenset({"FeedConfigError"})
@@ -59,7 +58,9 @@ def build_feed_sensor(exchange: ExchangeConfig) -> dg.SensorDefinition:
         name=f"{exchange.name}_feed_sensor",
         job=job,
         minimum_interval_seconds=30,
-        default_status=automation_status(),
+        # Off until someone points K2 at a real market: a feed run holds a run slot for hours, and the
+        # dev stack's trades come from the simulator. Start it in the UI or `dagster sensor start`.
+        default_status=dg.DefaultSensorStatus.STOPPED,
         description=f"Keeps one {job.name} run alive (backing off after failures) and reports its freshness check.",
     )
     def keep_feed_alive(context: dg.SensorEvaluationContext) -> dg.SensorResult:
