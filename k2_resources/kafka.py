@@ -19,6 +19,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicCollectio
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
+from k2_resources.kafka_clients import query_watermarks
 from k2_resources.settings import (
     KAFKA_BOOTSTRAP_SERVERS,
     KAFKA_CLIENT_PREFIX,
@@ -143,7 +144,7 @@ class KafkaResource(dg.ConfigurableResource):
             tp = TopicPartition(topic, p)
             mark = consumer.get_watermark_offsets(tp, cached=True) if cached else None
             if mark is None or mark[1] < 0:
-                mark = consumer.get_watermark_offsets(tp, timeout=self.request_timeout_seconds)
+                mark = query_watermarks(consumer, tp, self.request_timeout_seconds)
             marks[p] = mark
         return marks
 

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import dagster as dg
@@ -24,11 +23,10 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from pyiceberg.exceptions import NoSuchTableError
 
 from k2_assets.bronze.ingestion import FencedError, IngestionSettings, TopicIngestion, read_stored_offsets
-from k2_assets.bronze.tables import OFFSETS_TAG, bronze_table_spec
+from k2_assets.bronze.tables import bronze_table_spec
 from k2_assets.definitions import defs
 from k2_resources.exchanges import exchange
 from k2_resources.iceberg import IcebergCatalogResource
-from k2_resources.iceberg_maintenance import referenced_files
 from k2_resources.kafka import KafkaResource
 from tests.conftest import k2, k2_env
 
@@ -48,6 +46,8 @@ def produce_raw(count: int, value_size: int = 150, start: int = 0) -> Counter[in
             delivered[msg.partition()] += 1
 
     producer = Producer({"bootstrap.servers": os.environ["K2_KAFKA_BOOTSTRAP_SERVERS"], "linger.ms": 5})
+    # Recent record times: the broker's time retention (72 h) deletes records whose timestamps are older.
+    now_ms = int(time.time() * 1000)
     for i in range(start, start + count):
         value = b"\x00\x00\x00\x00\x01" + i.to_bytes(8, "big") + os.urandom(value_size - 13)
         while True:
@@ -56,7 +56,7 @@ def produce_raw(count: int, value_size: int = 150, start: int = 0) -> Counter[in
                     TOPIC,
                     value,
                     key=f"SYM{i % 13}".encode(),
-                    timestamp=1_763_800_000_000 + i,
+                    timestamp=now_ms + i,
                     on_delivery=on_delivery,
                 )
                 break
@@ -271,44 +271,3 @@ def test_unreachable_broker_fails_with_a_clear_error(tmp_path: Path) -> None:
     assert "Kafka at 127.0.0.1:9 is unreachable" in failed.stderr
     assert "K2_KAFKA_BOOTSTRAP_SERVERS" in failed.stderr
     assert time.monotonic() - started < 90
-
-
-def test_retention_deletes_old_rows_and_reclaims_their_files(fresh_devstack: Path) -> None:
-    produce_raw(3_000)
-    assert ingest(fresh_devstack, "--max-batch-records", "1000").returncode == 0
-    catalog = IcebergCatalogResource(properties=sqlite_catalog(fresh_devstack))
-    table = catalog.load_table(bronze_table_spec(BINANCE))
-    offsets_before = read_stored_offsets(table)
-    # Rows ingested ten days ago, appended the way an older run would have written them.
-    old_day = datetime.now(UTC) - timedelta(days=10)
-    old = bronze_rows(fresh_devstack).slice(0, 500)
-    old = old.set_column(6, "ingestion_timestamp", pa.array([old_day] * 500, old.schema.field(6).type))
-    old = old.set_column(7, "ingestion_date", pa.array([old_day.date()] * 500, pa.date32()))
-    table.append(old)
-    assert bronze_rows(fresh_devstack).num_rows == 3_500
-
-    job = defs.resolve_job_def("bronze_binance_retention")
-    config = {
-        "ops": {
-            "apply_binance_bronze_retention": {"config": {"retention_days": 7, "orphan_min_age_minutes": 0}}
-        }
-    }
-    with dg.DagsterInstance.ephemeral() as instance:
-        job.execute_in_process(run_config=config, instance=instance)
-    rows = bronze_rows(fresh_devstack)
-    assert rows.num_rows == 3_000
-    assert pc.min(rows["ingestion_date"]).as_py() > (old_day + timedelta(days=1)).date()
-
-    # Expire everything but the heads, as a retention of 0 days would, and check what is on disk.
-    config["ops"]["apply_binance_bronze_retention"]["config"]["retention_days"] = 0
-    with dg.DagsterInstance.ephemeral() as instance:
-        job.execute_in_process(run_config=config, instance=instance)
-    table = catalog.load_table(bronze_table_spec(BINANCE))
-    assert OFFSETS_TAG in table.metadata.refs
-    assert read_stored_offsets(table) == offsets_before
-    assert len(table.metadata.snapshots) <= 2  # main head and the offsets tag
-    on_disk = {str(p) for p in Path(table.location().removeprefix("file://")).rglob("*") if p.is_file()}
-    assert on_disk == referenced_files(table)
-    live_data_files = {task.file.file_path.removeprefix("file://") for task in table.scan().plan_files()}
-    assert {p for p in on_disk if p.endswith(".parquet")} == live_data_files
-    assert table.scan().to_arrow().num_rows == 3_000

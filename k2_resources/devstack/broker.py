@@ -11,7 +11,9 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+
+from k2_resources.kafka_clients import query_watermarks
 
 # Watermarks per topic and partition, as a consumer in another process sees them.
 TopicWatermarks = dict[str, dict[int, tuple[int, int]]]
@@ -61,27 +63,6 @@ class MockBroker:
         return self._producer
 
 
-_NOT_YET_LED = {
-    KafkaError.NOT_LEADER_FOR_PARTITION,
-    KafkaError.LEADER_NOT_AVAILABLE,
-    KafkaError.UNKNOWN_TOPIC_OR_PART,
-    KafkaError._TIMED_OUT,
-}
-
-
-def _watermarks(consumer: Consumer, topic: str, partition: int, timeout: float) -> tuple[int, int]:
-    """Watermarks, retried while the partition is still being led (a broker that just started)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout)
-        except KafkaException as err:
-            code = err.args[0].code()
-            if code not in _NOT_YET_LED and not err.args[0].retriable() or time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
-
-
 def probe_topics(bootstrap_servers: str, topics: Iterable[str], timeout: float = 10.0) -> TopicWatermarks:
     """Do what a fresh consumer does first: find each topic's partitions, assign them, read watermarks.
 
@@ -105,7 +86,9 @@ def probe_topics(bootstrap_servers: str, topics: Iterable[str], timeout: float =
                 raise KafkaException(f"Topic {topic} is not available on {bootstrap_servers}: {reason}")
             partitions = sorted(info.partitions)
             consumer.assign([TopicPartition(topic, p) for p in partitions])
-            result[topic] = {p: _watermarks(consumer, topic, p, timeout) for p in partitions}
+            result[topic] = {
+                p: query_watermarks(consumer, TopicPartition(topic, p), timeout) for p in partitions
+            }
             consumer.unassign()
         return result
     finally:
