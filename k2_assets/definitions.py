@@ -13,6 +13,7 @@ from k2_assets.bronze import definitions as bronze  # noqa: E402
 from k2_assets.feeds import definitions as feeds  # noqa: E402
 from k2_assets.gold import definitions as gold  # noqa: E402
 from k2_assets.maintenance import definitions as maintenance  # noqa: E402
+from k2_assets.operations import definitions as operations  # noqa: E402
 from k2_assets.resources import automation_status, build_resources  # noqa: E402
 from k2_assets.run_supervision import orphaned_run_sensor  # noqa: E402
 from k2_assets.silver import definitions as silver  # noqa: E402
@@ -36,8 +37,9 @@ defs = dg.Definitions.merge(
     bronze.defs,
     silver.defs,
     gold.defs,
-    maintenance.defs,
     feeds.defs,
+    maintenance.defs,
+    operations.defs,
     dg.Definitions(
         sensors=[freshness_sensor, automation_sensor, orphaned_run_sensor], resources=build_resources()
     ),

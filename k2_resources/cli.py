@@ -13,6 +13,7 @@ COMMAND_MODULES = (
     "k2_resources.feeds.cli",
     "k2_assets.cli",
     "k2_assets.dev",
+    "k2_assets.operations.cli",
 )
 
 

@@ -145,7 +145,14 @@ def test_code_location_builds_every_resource_from_the_compose_environment(
     resolved: dict[str, Any], variables: dict[str, str]
 ) -> None:
     report = resolved["report"]
-    assert report["resources"] == ["iceberg", "iceberg_io_manager", "kafka", "schema_registry"]
+    assert report["resources"] == [
+        "alert_webhook",
+        "iceberg",
+        "iceberg_io_manager",
+        "kafka",
+        "schema_registry",
+        "spark",
+    ]
     assert report["kafka"] == "kafka:9092"
     assert report["schema_registry"] == "http://schema-registry:8081"
     assert report["io_manager"] == "IcebergIOManager"
