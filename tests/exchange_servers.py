@@ -156,6 +156,7 @@ class ExchangeServer:
     def __init__(
         self, exchange: str, symbols: tuple[str, ...], script: list[list[Step]], seed: int = 1
     ) -> None:
+        self.live: LiveMarket | None = None  # set for a live broadcast instead of the script
         self.exchange = exchange
         self.symbols = symbols
         self.tape = Tape(symbols, seed)
@@ -164,6 +165,7 @@ class ExchangeServer:
             t for s in self.sessions for a in s if isinstance(a, Frame) for t in a.trades
         ]
         self.connections: list[float] = []  # monotonic time of each accepted connection
+        self.closed: dict[int, float] = {}  # connection index -> monotonic time it ended
         self.requests: list[str] = []  # the request path of each connection
         self.received: list[dict[str, Any]] = []  # client messages (Kraken subscribes, pings)
         self.pong_seconds: list[float] = []  # how long the client took to answer each ping frame
@@ -267,6 +269,15 @@ class ExchangeServer:
         index = len(self.connections)
         self.connections.append(time.monotonic())
         self.requests.append(ws.request.path if ws.request else "")
+        try:
+            if self.live is not None:
+                await self.live.serve(self, ws)
+            else:
+                await self._scripted(ws, index)
+        finally:
+            self.closed[index] = time.monotonic()
+
+    async def _scripted(self, ws: ServerConnection, index: int) -> None:
         actions = self.sessions[index] if index < len(self.sessions) else []
         if actions and isinstance(actions[0], Refuse):
             await ws.close(1013, "try again later")
@@ -332,6 +343,42 @@ class ExchangeServer:
             self.received.append(message)
             if message.get("method") == "ping":
                 await ws.send(json.dumps({"method": "pong", "req_id": message.get("req_id")}))
+
+
+class LiveMarket:
+    """Binance-style live broadcast: `count` trades at `rate` per second to every open connection, and
+    each connection closed by the server once it is `max_age` seconds old (Binance's 24-hour limit,
+    scaled down). `ExchangeServer.sent` fills as trades are broadcast."""
+
+    def __init__(self, count: int, rate: float, max_age: float) -> None:
+        self.count, self.rate, self.max_age = count, rate, max_age
+        self.subscribers: set[ServerConnection] = set()
+        self._task: asyncio.Task | None = None
+
+    async def serve(self, server: ExchangeServer, ws: ServerConnection) -> None:
+        server._check_binance_path(ws.request.path if ws.request else "")
+        if self._task is None:
+            self._task = asyncio.create_task(self._broadcast(server))
+        self.subscribers.add(ws)
+        try:
+            await until_closed(ws, self.max_age)
+            await ws.close(1001, "connection age limit")
+        except ConnectionError:
+            pass
+        finally:
+            self.subscribers.discard(ws)
+
+    async def _broadcast(self, server: ExchangeServer) -> None:
+        for _ in range(self.count):
+            trade = server.tape.trade()
+            server.sent.append(trade)
+            for ws in list(self.subscribers):
+                try:
+                    await ws.send(binance_frame(trade))
+                except Exception:
+                    self.subscribers.discard(ws)
+            await asyncio.sleep(1 / self.rate)
+        server.done.set()
 
 
 async def until_closed(ws: ServerConnection, seconds: float) -> None:

@@ -39,6 +39,7 @@ from tests.exchange_servers import (
     Close,
     ExchangeServer,
     Heartbeat,
+    LiveMarket,
     Ping,
     Raw,
     Refuse,
@@ -193,6 +194,22 @@ def test_kraken_feed_keeps_every_trade_of_batches_and_snapshots() -> None:
     assert stats.heartbeats >= 2 and stats.system_status == "online" and stats.gap_count == 0
     subscribe = server.received[0]
     assert subscribe["params"] == {"channel": "trade", "symbol": list(KRAKEN_SYMBOLS), "snapshot": True}
+
+
+def test_binance_connections_are_handed_over_before_the_age_limit_without_a_gap() -> None:
+    """Binance closes a connection at 24 h (here: 1.5 s); the feed opens the next one before (1 s)."""
+    with ExchangeServer("binance", BINANCE_SYMBOLS, []) as server:
+        server.live = LiveMarket(count=600, rate=150.0, max_age=1.5)
+        feed = Feed("binance", server, max_connection_seconds=1.0).run_through(server, timeout=30)
+    stats = feed.client.stats
+    assert stats.handovers >= 2 and stats.reconnects == 0 and stats.gap_count == 0
+    assert set(map(key, feed.records)) == {server_key("binance", t) for t in server.sent}
+    for n in range(stats.handovers):  # each successor was open before its predecessor closed
+        assert server.connections[n + 1] < server.closed[n]
+    ids_by_trade = defaultdict(set)
+    for record in feed.records:
+        ids_by_trade[key(record)].add(record["message_id"])
+    assert all(len(ids) == 1 for ids in ids_by_trade.values())
 
 
 def test_reconnects_back_off_exponentially_with_jitter() -> None:

@@ -25,6 +25,7 @@ from k2_resources.feeds import (
 from k2_resources.feeds.protocol import Classified, Kind
 
 EVENT_TYPE = "trade"
+MAX_CONNECTION_SECONDS = 24 * 3600.0  # Binance closes every connection after 24 hours
 
 
 def unwrap(message: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -77,8 +78,8 @@ def to_v2(
 
 # The live protocol (https://developers.binance.com/docs/binance-spot-api-docs/web-socket-streams):
 # streams are chosen in the URL, the server pings every 20 s (the websockets library answers with a
-# pong), and a connection is closed by the server after 24 hours, which the client treats like any
-# other disconnect of a healthy connection: it reconnects at once.
+# pong), and a connection is closed by the server after 24 hours (MAX_CONNECTION_SECONDS): the client
+# opens its successor before then and switches over without a gap (client.py, make before break).
 
 
 def connect_url(url: str, symbols: Sequence[str]) -> str:

@@ -46,6 +46,7 @@ MAX_GAPS_KEPT = 100  # the latest gaps in metadata; the counts cover all of them
 LOG_FIRST_MALFORMED = 20  # then every LOG_EVERY_MALFORMED-th, so a broken stream cannot flood the log
 LOG_EVERY_MALFORMED = 1000
 SHOWN_CHARS = 300
+HANDOVER_MARGIN_SECONDS = 600.0  # hand over this long before an exchange's connection age limit
 MIN_RATE_WINDOW_SECONDS = 1.0
 
 
@@ -71,6 +72,7 @@ class FeedSettings:
     report_interval_seconds: float = 30.0
     max_runtime_seconds: float | None = None
     max_trades: int | None = None
+    max_connection_seconds: float | None = None  # default: the exchange's limit less HANDOVER_MARGIN_SECONDS
 
     def validate(self) -> FeedSettings:
         """Refuse values that cannot mean what they say, naming the setting."""
@@ -91,7 +93,7 @@ class FeedSettings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise FeedConfigError(f"feed setting {name} must be positive, not {getattr(self, name)}")
-        for name in ("max_runtime_seconds", "max_trades"):
+        for name in ("max_runtime_seconds", "max_trades", "max_connection_seconds"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise FeedConfigError(f"feed setting {name} must be positive or unset, not {value}")
@@ -139,6 +141,7 @@ class FeedStats:
     heartbeats: int = 0
     connections: int = 0
     reconnects: int = 0
+    handovers: int = 0
     silent_timeouts: int = 0
     rate_limited_waits: int = 0
     gaps: deque[Gap] = field(default_factory=lambda: deque(maxlen=MAX_GAPS_KEPT))
@@ -214,6 +217,7 @@ class FeedStats:
             "duplicates": self.duplicates,
             "connections": self.connections,
             "reconnects": self.reconnects,
+            "handovers": self.handovers,
             "silent_timeouts": self.silent_timeouts,
             "gaps": self.gap_count,
             "missing_trades": sum(s.missing for s in self.symbols.values()),
@@ -365,26 +369,46 @@ class FeedClient:
             await asyncio.sleep(min(left, 0.2))
 
     async def _connection(self, url: str) -> None:
+        """One logical connection: a socket, replaced by a handover before the exchange's age limit."""
+        ws = await self._open(url)
+        try:
+            while True:
+                ws = await self._read(ws, url)
+        finally:
+            await ws.close()
+
+    async def _open(self, url: str) -> ClientConnection:
         s = self.settings
-        async with connect(
+        ws = await connect(
             url,
             open_timeout=s.open_timeout_seconds,
             ping_interval=s.ping_interval_seconds,
             ping_timeout=s.read_timeout_seconds,
             close_timeout=2,
             max_queue=1024,
-        ) as ws:
-            self.stats.connections += 1
-            for request in self.protocol.subscribe_requests(s.symbols):
-                await ws.send(json.dumps(request))
-            await self._read(ws)
+        )
+        self.stats.connections += 1
+        for request in self.protocol.subscribe_requests(s.symbols):
+            await ws.send(json.dumps(request))
+        return ws
 
-    async def _read(self, ws: ClientConnection) -> None:
+    def _max_age(self) -> float | None:
+        """How long one socket may live: the setting, else the exchange's limit less a margin."""
+        if self.settings.max_connection_seconds is not None:
+            return self.settings.max_connection_seconds
+        limit = getattr(self.protocol, "MAX_CONNECTION_SECONDS", None)
+        return limit - HANDOVER_MARGIN_SECONDS if limit else None
+
+    async def _read(self, ws: ClientConnection, url: str) -> ClientConnection:
+        """Frames of `ws` until it fails (raises) or reaches its age limit (returns its successor)."""
         pings = itertools.count(1)
-        last_frame = time.monotonic()
+        last_frame = opened = time.monotonic()
         next_ping = last_frame + self.settings.ping_interval_seconds
+        max_age = self._max_age()
         while True:
             self._check_stop()
+            if max_age is not None and time.monotonic() - opened >= max_age:
+                return await self._handover(ws, url)
             frame = await self._recv(ws, last_frame + self.settings.read_timeout_seconds, next_ping)
             if frame is None:  # time for an application-level ping (Kraken's; Binance has none)
                 ping = self.protocol.ping_request(next(pings))
@@ -396,6 +420,47 @@ class FeedClient:
             if self.handle(frame, self.stats.connections) is not Kind.PONG:
                 last_frame = time.monotonic()
             self._maybe_report()
+
+    async def _handover(self, old: ClientConnection, url: str) -> ClientConnection:
+        """Make before break: open the successor, keep reading `old` until the successor's first frame,
+        then close `old`. Trades both carried are produced twice under one message_id (Gold dedups);
+        none falls between the two, which a disconnect-then-reconnect at the exchange's limit would lose."""
+        connection = self.stats.connections
+        new = await self._open(url)
+        self.stats.handovers += 1
+        self.log.info(f"{self.exchange.name} feed: handing connection {connection} over before its age limit")
+        first = asyncio.ensure_future(new.recv())
+        old_frame: asyncio.Future | None = asyncio.ensure_future(old.recv())
+        try:
+            while not first.done():
+                waiting = {first} if old_frame is None else {first, old_frame}
+                done, _ = await asyncio.wait(
+                    waiting, timeout=self.settings.read_timeout_seconds, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not done:
+                    raise TimeoutError("neither socket delivered a frame during the handover")
+                if old_frame in done:
+                    old_frame = self._take_old_frame(old_frame, old, connection)
+        except BaseException:
+            first.cancel()
+            await new.close()
+            raise
+        finally:
+            if old_frame is not None:
+                old_frame.cancel()
+            await old.close()
+        self.handle(first.result(), self.stats.connections)
+        return new
+
+    def _take_old_frame(
+        self, frame: asyncio.Future, old: ClientConnection, connection: int
+    ) -> asyncio.Future | None:
+        """Handle a frame the old socket delivered during a handover; the next read, or None once it closed."""
+        try:
+            self.handle(frame.result(), connection)
+        except websockets.ConnectionClosed:
+            return None
+        return asyncio.ensure_future(old.recv())
 
     async def _recv(self, ws: ClientConnection, dead_at: float, ping_at: float) -> str | bytes | None:
         """The next frame; None at `ping_at`; past `dead_at` without a frame the socket is dead.
