@@ -1,0 +1,154 @@
+"""Benchmark: one maintenance pass against history length (1k, 5k, 20k commits), with a same-run baseline.
+
+For each N, a Bronze table gets N retained snapshots, each a micro-batch commit carrying its Kafka
+offsets (the offsets tag on the last), then one pass of K2's maintenance runs over it
+(k2_assets/maintenance/actions.py: retention, compaction, manifests, expiry of every superseded
+snapshot, orphans). Printed per N: metadata.json and manifest-list bytes before and after, the pass's
+time per step, and, as the baseline measured on the same table in the same run, the PyIceberg walk
+over every snapshot's files (`referenced_files`, what Bronze retention does before deleting orphans).
+Time per 1k commits shows how each grows: constant means linear in history.
+
+How the history is built matters: N commits that each *append* a file while every snapshot is kept
+store N(N+1)/2 manifest-list entries in any Iceberg writer (each snapshot lists every manifest; 20k
+commits would be ~20 GB), which is the growth hourly maintenance exists to prevent. So each commit
+here replaces the previous micro-batch file (an overwrite, like a Silver or Gold refresh of the
+running hour): live data stays one file, and history alone grows. The N commits are made through
+Iceberg's Java API in one transaction (one metadata.json write; PyIceberg rewrites the whole
+metadata per commit, quadratic to build), with the data file hard-linked from one real Parquet file.
+
+    .venv/bin/python bench/bench_maintenance.py [--commits 1000,5000,20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from k2_assets.bronze.tables import OFFSETS_PROPERTY, OFFSETS_TAG  # noqa: E402
+from k2_assets.maintenance.actions import maintain_table  # noqa: E402
+from k2_assets.maintenance.jobs import TARGETS  # noqa: E402
+from k2_resources.iceberg_maintenance import MaintenancePolicy, referenced_files  # noqa: E402
+from k2_resources.spark import IcebergSparkResource  # noqa: E402
+from tests.maintenance_helpers import BRONZE_SPEC, bronze_rows, sqlite_catalog  # noqa: E402
+
+ROWS_PER_COMMIT = 50
+# Every superseded snapshot expires (time compressed below the configurable floor); Iceberg's grace.
+POLICY = MaintenancePolicy(retention_days=7, snapshot_max_age_hours=0, orphan_min_age_minutes=24 * 60)
+
+
+def build_history(spark, home: Path, commits: int) -> None:
+    """`commits` overwrite commits of one micro-batch file each, in one Iceberg transaction."""
+    catalog = sqlite_catalog(home)
+    table = catalog.ensure_table(BRONZE_SPEC)
+    data_dir = Path(table.location().removeprefix("file://")) / "data" / "ingestion_date_day=today"
+    data_dir.mkdir(parents=True)
+    now = datetime.now(UTC)
+    template = data_dir / "template.parquet"
+    pq.write_table(bronze_rows(0, ROWS_PER_COMMIT, now), template)
+    size = template.stat().st_size
+    jvm = spark._jvm
+    java_table = jvm.org.apache.iceberg.spark.Spark3Util.loadIcebergTable(
+        spark._jsparkSession, f"k2.{BRONZE_SPEC.identifier}"
+    )
+    spec, partition = java_table.spec(), f"ingestion_date_day={now.date().isoformat()}"
+    txn, previous = java_table.newTransaction(), None
+    for i in range(commits):
+        path = data_dir / f"batch-{i:06d}.parquet"
+        os.link(template, path)
+        data_file = (
+            jvm.org.apache.iceberg.DataFiles.builder(spec)
+            .withPath(f"file://{path}")
+            .withFormat(jvm.org.apache.iceberg.FileFormat.PARQUET)
+            .withFileSizeInBytes(size)
+            .withRecordCount(ROWS_PER_COMMIT)
+            .withPartitionPath(partition)
+            .build()
+        )
+        update = txn.newOverwrite().addFile(data_file)
+        if previous is not None:
+            update = update.deleteFile(previous)
+        update.set(OFFSETS_PROPERTY, json.dumps({"0": (i + 1) * ROWS_PER_COMMIT})).commit()
+        previous = data_file
+    txn.commitTransaction()
+    java_table.refresh()
+    java_table.manageSnapshots().createTag(OFFSETS_TAG, java_table.currentSnapshot().snapshotId()).commit()
+    os.unlink(template)
+
+
+def manifest_list_bytes(table) -> int:
+    return sum(os.path.getsize(s.manifest_list.removeprefix("file:")) for s in table.metadata.snapshots)
+
+
+def measure(commits: int) -> dict[str, float]:
+    """Build a history of `commits`, walk it (baseline), then maintain it, in a Spark session of its own."""
+    with tempfile.TemporaryDirectory(prefix="k2-bench-maintenance-") as scratch:
+        home = Path(scratch)
+        resource = IcebergSparkResource(iceberg=sqlite_catalog(home))
+        spark = resource.spark_session
+        spark.sparkContext.setLogLevel("ERROR")
+        started = time.monotonic()
+        build_history(spark, home, commits)
+        built = time.monotonic() - started
+        table = sqlite_catalog(home).load_table(BRONZE_SPEC)
+        assert len(table.metadata.snapshots) == commits
+        lists_before = manifest_list_bytes(table)
+        started = time.monotonic()
+        referenced_files(table)
+        walk = time.monotonic() - started
+        target = next(t for t in TARGETS if t.spec.name == BRONZE_SPEC.name)
+        report = maintain_table(spark, "k2", table, target, POLICY, datetime.now(UTC))
+        spark.stop()
+        table = sqlite_catalog(home).load_table(BRONZE_SPEC)
+        assert report.snapshots_expired == commits - 1 and OFFSETS_TAG in table.metadata.refs
+        return {
+            "commits": commits,
+            "build_s": built,
+            "metadata_kib_before": report.before.metadata_bytes / 1024,
+            "metadata_kib_after": report.after.metadata_bytes / 1024,
+            "lists_kib_before": lists_before / 1024,
+            "lists_kib_after": manifest_list_bytes(table) / 1024,
+            "files_before": report.before.storage_files,
+            "files_after": report.after.storage_files,
+            "pass_s": report.duration_seconds,
+            **{f"{step}_s": seconds for step, seconds in report.steps.items()},
+            "walk_s": walk,
+        }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--commits", default="1000,5000,20000", help="history lengths, comma separated")
+    args = parser.parse_args()
+    results = []
+    for commits in (int(n) for n in args.commits.split(",")):
+        results.append(measure(commits))
+        print(json.dumps({k: round(v, 3) for k, v in results[-1].items()}), flush=True)
+    print()
+    print(
+        f"{'commits':>8} {'metadata KiB':>16} {'lists KiB':>18} {'files on disk':>15} {'pass s':>8} "
+        f"{'expiry s':>9} {'per 1k':>7} {'walk s':>7} {'per 1k':>7}"
+    )
+    for r in results:
+        per_k = 1000 / r["commits"]
+        print(
+            f"{r['commits']:>8} {r['metadata_kib_before']:>8.0f} -> {r['metadata_kib_after']:<5.0f} "
+            f"{r['lists_kib_before']:>9.0f} -> {r['lists_kib_after']:<5.0f} "
+            f"{r['files_before']:>6} -> {r['files_after']:<5} {r['pass_s']:>8.1f} {r['expiry_s']:>9.1f} "
+            f"{r['pass_s'] * per_k:>7.2f} {r['walk_s']:>7.2f} {r['walk_s'] * per_k:>7.3f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
