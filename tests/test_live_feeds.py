@@ -483,3 +483,44 @@ def test_a_refused_configuration_halts_the_sensor_until_a_person_acts(
         tick = sensor(dg.build_sensor_context(instance=instance, cursor=None))
     assert not tick.run_requests
     assert "HALTED" in tick.skip_reason.skip_message and "FOO/BAR" in tick.skip_reason.skip_message
+
+
+def test_k2_feed_stopped_with_ctrl_c_flushes_every_trade_it_counted(
+    devstack_env: dict[str, str], devstack_home: Path
+) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from confluent_kafka import Consumer, TopicPartition
+
+    from tests.conftest import k2_env
+
+    topic = exchange("binance").topic
+    with ExchangeServer("binance", BINANCE_SYMBOLS, []) as server:
+        server.live = LiveMarket(count=100_000, rate=300.0, max_age=3600.0)
+        command = [
+            sys.executable,
+            "-m",
+            "k2_resources.cli",
+            "feed",
+            "--exchange",
+            "binance",
+            "--url",
+            server.url,
+        ]
+        command += ["--symbols", ",".join(BINANCE_SYMBOLS), "--report-interval", "0.5"]
+        feed = subprocess.Popen(command, env=k2_env(devstack_home), stdout=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while len(server.sent) < 300 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        feed.send_signal(signal.SIGINT)
+        out, _ = feed.communicate(timeout=60)
+    assert feed.returncode == 0
+    produced = json.loads(out.strip().splitlines()[-1])["trades_produced"]
+    assert produced >= 300
+    consumer = Consumer({"bootstrap.servers": devstack_env["K2_KAFKA_BOOTSTRAP_SERVERS"], "group.id": "t"})
+    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    ends = [consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10) for p in partitions]
+    consumer.close()
+    assert sum(high - low for low, high in ends) == produced  # every counted trade is in the topic

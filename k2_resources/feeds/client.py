@@ -7,6 +7,8 @@ gone (Kraken's snapshot returns only the latest trades). So the client:
 - reconnects with exponential backoff and jitter after connections that failed (closed before a trade
   and younger than `healthy_after_seconds`), at once after a healthy one, and never more than
   `reconnect_limit` times per `reconnect_window_seconds`;
+- hands a connection over to a new one before the exchange's age limit (Binance: 24 h), reading the
+  old one until the new one delivers, so the limit costs no trades;
 - treats `read_timeout_seconds` without any frame as a dead socket (WebSocket pings catch a dead TCP
   peer, not a live server that stopped sending);
 - checks each symbol's exchange trade ids: an id more than one past the last is a gap, recorded with
