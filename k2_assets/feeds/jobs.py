@@ -18,7 +18,9 @@ from k2_resources.kafka import KafkaResource, SchemaRegistryResource
 
 # One feed run per exchange: the sensor looks for runs with this tag (dagster.yaml can limit it).
 FEED_TAG = "k2/feed"
-DEFAULT_MAX_RUNTIME_SECONDS = 6 * 3600.0  # each restart costs a few seconds of trades: restart rarely
+# A restart costs the trades of the seconds between two runs (the sensor ticks every 30 s; Binance cannot
+# replay them, they show as gaps), so a run lives a day; the bound keeps one run's event log finite.
+DEFAULT_MAX_RUNTIME_SECONDS = 24 * 3600.0
 DEFAULTS = FeedSettings(url="", symbols=())
 
 
@@ -82,7 +84,7 @@ def build_feed_job(exchange: ExchangeConfig) -> dg.JobDefinition:
         name=f"{exchange.name}_feed",
         description=f"Long-running {exchange.name} WebSocket feed into {exchange.topic}.",
         # Longer than the default max_runtime_seconds: run monitoring ends a hung run, the sensor starts the next.
-        tags={FEED_TAG: exchange.name, "dagster/max_runtime": str(int(DEFAULT_MAX_RUNTIME_SECONDS + 1800))},
+        tags={FEED_TAG: exchange.name, "dagster/max_runtime": str(int(DEFAULT_MAX_RUNTIME_SECONDS + 3600))},
     )
     def feed_job() -> None:
         run_feed()
