@@ -492,11 +492,10 @@ def test_k2_feed_stopped_with_ctrl_c_flushes_every_trade_it_counted(
     import subprocess
     import sys
 
-    from confluent_kafka import Consumer, TopicPartition
-
     from tests.conftest import k2_env
 
     topic = exchange("binance").topic
+    before = topic_records(devstack_env, topic)
     with ExchangeServer("binance", BINANCE_SYMBOLS, []) as server:
         server.live = LiveMarket(count=100_000, rate=300.0, max_age=3600.0)
         command = [
@@ -519,8 +518,93 @@ def test_k2_feed_stopped_with_ctrl_c_flushes_every_trade_it_counted(
     assert feed.returncode == 0
     produced = json.loads(out.strip().splitlines()[-1])["trades_produced"]
     assert produced >= 300
-    consumer = Consumer({"bootstrap.servers": devstack_env["K2_KAFKA_BOOTSTRAP_SERVERS"], "group.id": "t"})
+    assert topic_records(devstack_env, topic) - before == produced  # every counted trade is in the topic
+
+
+def topic_records(env: dict[str, str], topic: str) -> int:
+    """Records in the topic, from its watermarks (nothing on these topics is transactional)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": env["K2_KAFKA_BOOTSTRAP_SERVERS"], "group.id": "t"})
     partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
     ends = [consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10) for p in partitions]
     consumer.close()
-    assert sum(high - low for low, high in ends) == produced  # every counted trade is in the topic
+    return sum(high - low for low, high in ends)
+
+
+def test_records_that_failed_delivery_are_produced_again_once_the_broker_is_back(
+    devstack_env: dict[str, str],
+) -> None:
+    """The broker is unreachable at first (its bootstrap address refuses connections): deliveries time
+    out, the sink produces those records again, and once the address answers all arrive, once each."""
+    import socket
+
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+
+    from k2_resources.feeds.sink import TopicSink
+
+    topic = exchange("binance").topic
+    before = topic_records(devstack_env, topic)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    registry = SchemaRegistryClient({"url": devstack_env["K2_SCHEMA_REGISTRY_URL"]})
+    config = {
+        "bootstrap.servers": f"127.0.0.1:{port}",
+        "message.timeout.ms": 400,
+        "reconnect.backoff.max.ms": 200,
+    }
+    sink = TopicSink(exchange("binance"), config, registry, max_redeliveries=100)
+    with ExchangeServer("binance", BINANCE_SYMBOLS, [[Trades(20)]]) as server:
+        feed = Feed("binance", server)
+        feed.client.sink = sink
+        feed.run_until(lambda: feed.client.stats.trades >= 20)
+    deadline = time.monotonic() + 10
+    while sink.redelivered == 0 and time.monotonic() < deadline:
+        sink.poll(0.1)
+    assert sink.redelivered > 0 and sink.delivered == 0
+    broker = devstack_env["K2_KAFKA_BOOTSTRAP_SERVERS"].split(",")[0].rsplit(":", 1)
+    with TcpForwarder(port, (broker[0], int(broker[1]))):
+        sink.close(timeout=30)
+    assert sink.delivered == 20 and sink.in_flight == 0
+    assert topic_records(devstack_env, topic) - before == 20
+
+
+class TcpForwarder:
+    """Listens on `port` and pipes each connection to `target`: the broker's address coming back."""
+
+    def __init__(self, port: int, target: tuple[str, int]) -> None:
+        import socket
+
+        self.target = target
+        self.server = socket.create_server(("127.0.0.1", port))
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+
+    def __enter__(self) -> TcpForwarder:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.close()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source, sink) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            sink.close()
