@@ -378,6 +378,8 @@ def check_layers(name: str, server: ExchangeServer, result: dg.ExecuteInProcessR
     assert final.metadata["reconnects"].value == 1 and final.metadata["gaps"].value == 0
     assert final.metadata["duplicates"].value == len(sent) - len(unique)
     assert final.metadata["messages_per_second"].value > 0
+    for symbol in server.symbols:  # last trade age per symbol, as a plottable number
+        assert final.metadata[f"last_trade_age_seconds/{config.normalise_symbol(symbol)[0]}"].value >= 0
     # Bronze: every record once, keyed by symbol, stamped with the trade time.
     bronze = table_rows(bronze_table_spec(config)).to_pylist()
     assert len(bronze) == len(sent)
