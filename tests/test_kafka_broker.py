@@ -243,37 +243,24 @@ def _sasl_env(home: Path, password: str) -> dict[str, str]:
     }
 
 
+def _ingest_over_sasl(home: Path, password: str) -> subprocess.CompletedProcess:
+    env = _sasl_env(home, password)
+    return k2("ingest", "--exchange", "binance", "--drain", home=home, check=False, env=env, timeout=120)
+
+
 def test_sasl_cluster_by_configuration_only(fresh_devstack: Path) -> None:
     produce_raw(300)
     credentials = dev_kafka.sasl_credentials(fresh_devstack)
     wrong = "not-the-password-4711"
     started = time.monotonic()
-    failed = k2(
-        "ingest",
-        "--exchange",
-        "binance",
-        "--drain",
-        home=fresh_devstack,
-        check=False,
-        env=_sasl_env(fresh_devstack, wrong),
-        timeout=120,
-    )
+    failed = _ingest_over_sasl(fresh_devstack, wrong)
     assert failed.returncode == 1
     assert time.monotonic() - started < 60  # no retrying forever against wrong credentials
     assert "K2_KAFKA__SASL_PASSWORD" in failed.stderr
     assert wrong not in failed.stderr + failed.stdout
     assert "Authentication failed" in failed.stderr
 
-    done = k2(
-        "ingest",
-        "--exchange",
-        "binance",
-        "--drain",
-        home=fresh_devstack,
-        check=False,
-        env=_sasl_env(fresh_devstack, credentials.password),
-        timeout=120,
-    )
+    done = _ingest_over_sasl(fresh_devstack, credentials.password)
     assert done.returncode == 0, done.stderr[-3000:]
     assert credentials.password not in done.stderr + done.stdout
     assert bronze_rows(fresh_devstack).num_rows == 300

@@ -23,7 +23,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -406,23 +405,6 @@ def wait_until_serving(bootstrap: str, timeout: float, alive: Callable[[], bool]
             last = err
         time.sleep(0.05)
     raise KafkaSetupError(f"the Kafka broker at {bootstrap} did not answer within {timeout:.0f} s ({last})")
-
-
-def stop_broker(pid: int, timeout: float) -> None:
-    """SIGTERM (a clean shutdown flushes the logs), then SIGKILL after `timeout`."""
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            try:
-                if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                    with contextlib.suppress(ChildProcessError):
-                        os.waitpid(pid, 0)
-                    return
-            except psutil.NoSuchProcess:
-                return
-            time.sleep(0.05)
 
 
 def ensure_topics(

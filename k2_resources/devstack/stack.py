@@ -462,8 +462,7 @@ def stop_devstack(home: Path | str | None = None, timeout: float = 10.0) -> int 
         pid, _ = _live_host(home)
         broker_pid = broker.live_broker(home)
         if broker_pid is not None:
-            broker.stop_broker(broker_pid, timeout)
-            _SPAWNED.pop(broker_pid, None)
+            _terminate(broker_pid, timeout)  # SIGTERM: a clean shutdown, so the next start needs no recovery
             broker.broker_pid_path(home).unlink(missing_ok=True)
         if pid is not None:
             _terminate(pid, timeout)
@@ -540,7 +539,8 @@ def serve(home: Path, registry_port: int, mock_kafka: bool = False) -> int:
             log.warning("exiting: %s", reason)
             if broker_pid is not None and broker.is_broker_for(broker_pid, home):
                 log.warning("stopping the orphaned Kafka broker (pid %d) too", broker_pid)
-                broker.stop_broker(broker_pid, timeout=5.0)
+                with contextlib.suppress(DevstackError):
+                    _terminate(broker_pid, timeout=5.0)
             break
     log.info("stopping")
     server.shutdown()
