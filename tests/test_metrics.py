@@ -88,6 +88,7 @@ def test_scrape_of_an_empty_instance_is_valid_text_format(tmp_path: Path) -> Non
         "k2_maintenance_last_run_failed",
         "k2_runs_total",
         "k2_run_last_duration_seconds",
+        "k2_kafka_up",
     ):
         assert expected in names
 
@@ -147,7 +148,17 @@ def test_metrics_from_a_real_pipeline_survive_an_exporter_restart(fresh_devstack
             == count
         )
         assert value(first, "k2_bronze_committed_offset", exchange="binance", partition=p) == count
-    assert value(first, "k2_bronze_consumer_lag_records", exchange="binance") == 0
+    assert value(first, "k2_bronze_consumer_lag_records", exchange="binance") == 0  # at its newest commit
+    # Asked of Kafka: the recreated topic's 50,000 records are not in Bronze; kraken's empty topic has none.
+    assert value(first, "k2_kafka_up") == 1
+    binance_lag = [
+        value(first, "k2_bronze_partition_lag_records", exchange="binance", partition=str(p))
+        for p in range(4)
+    ]
+    assert sum(binance_lag) == 50_000  # the recreated topic: none of it is in Bronze
+    assert [
+        value(first, "k2_bronze_partition_lag_records", exchange="kraken", partition=str(p)) for p in range(4)
+    ] == [0] * 4
     assert value(first, "k2_ingestion_halt_events_total", exchange="binance", error="KafkaGapError") == 1
     assert value(first, "k2_ingestion_halt_events_total", exchange="binance", error="FencedError") == 0
     assert value(first, "k2_ingestion_halted", exchange="binance") == 1

@@ -9,6 +9,7 @@ checks, for the last SILVER_HOURS hours (bounded label cardinality).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -16,10 +17,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import dagster as dg
+from confluent_kafka import Consumer, KafkaException
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 
 from k2_assets.bronze.assets import bronze_asset_key
-from k2_assets.bronze.ingestion import read_stored_offsets
+from k2_assets.bronze.ingestion import read_stored_offsets, read_stored_topic_id
 from k2_assets.bronze.jobs import INGESTION_TAG, MAINTENANCE_TAG
 from k2_assets.bronze.sensors import NEEDS_A_PERSON, failure_errors, ingestion_state
 from k2_assets.bronze.tables import bronze_table_spec
@@ -28,10 +30,19 @@ from k2_assets.operations.alerts import run_partition
 from k2_assets.partitions import HOUR_KEY_FORMAT
 from k2_assets.silver.assets import silver_asset_key
 from k2_assets.silver.checks import CONSERVATION, DLQ_RATE
-from k2_resources.exchanges import EXCHANGES
+from k2_resources.exchanges import EXCHANGES, ExchangeConfig
 from k2_resources.iceberg import IcebergCatalogResource
+from k2_resources.kafka import KafkaResource
+from k2_resources.settings import (
+    KAFKA_BOOTSTRAP_SERVERS,
+    KAFKA_CLIENT_PREFIX,
+    client_properties,
+    require_setting,
+)
 
+log = logging.getLogger(__name__)
 SILVER_HOURS = 48
+KAFKA_TIMEOUT_SECONDS = 5.0  # a scrape must answer within Prometheus's scrape timeout with Kafka gone
 RUN_STATUSES = (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
 
 
@@ -62,11 +73,12 @@ class K2Metrics:
         self.instance, self.repository = instance, repository
         self.bronze = {e.name: BronzeTotals() for e in EXCHANGES}
         self.halts: dict[str, tuple[str, tuple[str, ...]]] = {}  # run id -> (exchange, halting errors)
-        self.halts_after = 0.0
+        self._kafka: tuple[KafkaResource, Consumer] | None = None
 
     def families(self) -> Iterator[Metric]:
         now = time.time()
         yield from self.ingestion(now)
+        yield from self.partition_lag()
         yield from self.halt_events()
         yield from self.silver_hours(now)
         yield from self.freshness(now)
@@ -112,14 +124,59 @@ class K2Metrics:
                 lag.add_metric([exchange.name], value.value if value is not None else -1)
                 age.add_metric([exchange.name], now - latest.timestamp)
             halted.add_metric([exchange.name], 1 if ingestion_state(self.instance, exchange).halt else 0)
-            table = (
-                IcebergCatalogResource().catalog().load_table(bronze_table_spec(exchange).identifier)
-                if latest is not None
-                else None
-            )
-            for partition, offset in sorted(read_stored_offsets(table).items()) if table is not None else []:
+            for partition, offset in sorted(self._stored_offsets(exchange)[0].items()):
                 stored.add_metric([exchange.name, str(partition)], offset)
         yield from (rows, size, latency, lag, age, halted, spans, stored)
+
+    def _consumer(self) -> tuple[KafkaResource, Consumer]:
+        """One metadata-only consumer for the exporter's life (it never subscribes or commits)."""
+        if self._kafka is None:
+            kafka = KafkaResource(
+                bootstrap_servers=require_setting(KAFKA_BOOTSTRAP_SERVERS),
+                client_config=client_properties(KAFKA_CLIENT_PREFIX),
+                request_timeout_seconds=KAFKA_TIMEOUT_SECONDS,
+            )
+            self._kafka = (kafka, kafka.consumer("k2-metrics"))
+        return self._kafka
+
+    def partition_lag(self) -> Iterator[Metric]:
+        """Per partition: Kafka's high watermark less the next offset Bronze stored (Kafka is asked)."""
+        up = GaugeMetricFamily("k2_kafka_up", "1 when the exporter could read Kafka's watermarks", labels=[])
+        lag = GaugeMetricFamily(
+            "k2_bronze_partition_lag_records",
+            "Records in Kafka not yet in Bronze, per partition",
+            labels=["exchange", "partition"],
+        )
+        samples: list[tuple[str, int, int]] = []
+        try:
+            kafka, consumer = self._consumer()
+            for exchange in EXCHANGES:
+                stored, stored_topic_id = self._stored_offsets(exchange)
+                if stored_topic_id is not None and stored_topic_id != kafka.topic_id(exchange.topic):
+                    stored = {}  # a recreated topic: Bronze has none of it (ingestion reports the gap)
+                partitions = kafka.partitions(consumer, exchange.topic)
+                marks = kafka.watermarks(consumer, exchange.topic, partitions)
+                samples += [
+                    (exchange.name, p, max(0, high - max(low, stored.get(p, low))))
+                    for p, (low, high) in marks.items()
+                ]
+            up.add_metric([], 1)
+        except (KafkaException, RuntimeError) as err:  # unreachable, refused, or not configured
+            up.add_metric([], 0)
+            log.warning("k2 metrics: no per-partition lag, Kafka is not readable: %s", err)
+            samples = []  # no partial figures: all partitions or none
+        for exchange, p, records in sorted(samples):
+            lag.add_metric([exchange, str(p)], records)
+        yield from (up, lag)
+
+    def _stored_offsets(self, exchange: ExchangeConfig) -> tuple[dict[int, int], str | None]:
+        """The next offset per partition stored in Bronze, and the id of the topic they belong to."""
+        catalog = IcebergCatalogResource().catalog()
+        identifier = bronze_table_spec(exchange).identifier
+        if not catalog.table_exists(identifier):
+            return {}, None
+        table = catalog.load_table(identifier)
+        return read_stored_offsets(table), read_stored_topic_id(table)
 
     def _bronze_totals(self, name: str) -> BronzeTotals:
         totals = self.bronze[name]
