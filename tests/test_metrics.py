@@ -98,7 +98,7 @@ def test_metrics_from_a_real_pipeline_survive_an_exporter_restart(fresh_devstack
     from k2_assets.instance import prepare_dagster_home
     from k2_assets.silver.assets import dlq_asset_key, silver_asset_key
     from k2_resources.exchanges import exchange
-    from tests.pipeline_helpers import materialize, this_hour
+    from tests.pipeline_helpers import hours_back, materialize, this_hour
     from tests.test_alerts import recreate_topic
     from tests.test_bronze_ingestion import TOPIC, produce_raw
 
@@ -113,6 +113,10 @@ def test_metrics_from_a_real_pipeline_survive_an_exporter_restart(fresh_devstack
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
         assert ingest(max_batch_records=1_000).success
         binance = exchange("binance")
+        # The hour before: closed, its Bronze window empty (every record was ingested this hour).
+        assert materialize(
+            instance, [silver_asset_key(binance), dlq_asset_key(binance)], hours_back(1)
+        ).success
         assert not materialize(
             instance, [silver_asset_key(binance), dlq_asset_key(binance)], this_hour(), raise_on_error=False
         ).success  # opaque records: all in the DLQ, the blocking DLQ-rate check fails the run
@@ -171,7 +175,14 @@ def test_metrics_from_a_real_pipeline_survive_an_exporter_restart(fresh_devstack
     assert value(first, "k2_silver_rows", exchange="binance", hour=hour) == 0
     assert value(first, "k2_silver_dlq_rows", exchange="binance", hour=hour) == 3_000
     assert value(first, "k2_silver_dlq_rate", exchange="binance", hour=hour) == 1.0
-    categories = {k[1]: v for k, v in first.items() if k[0] == "k2_silver_dlq_category_rows"}
+    assert value(first, "k2_silver_bronze_rows", exchange="binance", hour=hours_back(1)) == 0
+    assert value(first, "k2_silver_dlq_rate", exchange="binance", hour=hours_back(1)) == 0
+    age = value(first, "k2_newest_closed_hour_age_seconds", layer="silver", asset="silver_binance_trades")
+    assert 0 <= age <= 3600  # the hour before this one ended less than an hour ago
+    assert value(first, "k2_runs_total", job="__ASSET_JOB", status="SUCCESS") == 1
+    categories = {
+        k[1]: v for k, v in first.items() if k[0] == "k2_silver_dlq_category_rows" and ("hour", hour) in k[1]
+    }
     assert sum(categories.values()) == 3_000, categories
     assert (
         value(first, "k2_asset_check_failing", asset="silver_binance_trades", check="dlq_rate_within_limits")
