@@ -25,8 +25,10 @@ system-deps:
 run: install ## run the whole pipeline end to end on the embedded default
 	$(BIN)/k2 run
 
+# Two workers, one test file each at a time (module fixtures stay whole): most tests wait on brokers,
+# Dagster daemons and subprocesses, so two run in little more than the time of one.
 test: system-deps install ## run the test suite against real parts
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadfile --durations=25
 
 dev: install ## dagster dev on 127.0.0.1 with the dev stack up and the simulator streaming
 	$(BIN)/k2 dev
