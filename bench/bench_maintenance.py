@@ -39,7 +39,13 @@ from k2_assets.maintenance.actions import maintain_table  # noqa: E402
 from k2_assets.maintenance.jobs import TARGETS  # noqa: E402
 from k2_resources.iceberg_maintenance import MaintenancePolicy, referenced_files  # noqa: E402
 from k2_resources.spark import IcebergSparkResource  # noqa: E402
-from tests.maintenance_helpers import BRONZE_SPEC, bronze_rows, sqlite_catalog  # noqa: E402
+from tests.maintenance_helpers import (  # noqa: E402
+    BRONZE_SPEC,
+    bronze_rows,
+    java_bronze_table,
+    java_data_file,
+    sqlite_catalog,
+)
 
 ROWS_PER_COMMIT = 50
 # Every superseded snapshot expires (time compressed below the configurable floor); Iceberg's grace.
@@ -56,24 +62,12 @@ def build_history(spark, home: Path, commits: int) -> None:
     template = data_dir / "template.parquet"
     pq.write_table(bronze_rows(0, ROWS_PER_COMMIT, now), template)
     size = template.stat().st_size
-    jvm = spark._jvm
-    java_table = jvm.org.apache.iceberg.spark.Spark3Util.loadIcebergTable(
-        spark._jsparkSession, f"k2.{BRONZE_SPEC.identifier}"
-    )
-    spec, partition = java_table.spec(), f"ingestion_date_day={now.date().isoformat()}"
+    java_table = java_bronze_table(spark, catalog)
     txn, previous = java_table.newTransaction(), None
     for i in range(commits):
         path = data_dir / f"batch-{i:06d}.parquet"
         os.link(template, path)
-        data_file = (
-            jvm.org.apache.iceberg.DataFiles.builder(spec)
-            .withPath(f"file://{path}")
-            .withFormat(jvm.org.apache.iceberg.FileFormat.PARQUET)
-            .withFileSizeInBytes(size)
-            .withRecordCount(ROWS_PER_COMMIT)
-            .withPartitionPath(partition)
-            .build()
-        )
+        data_file = java_data_file(spark, java_table, f"file://{path}", size, ROWS_PER_COMMIT, now)
         update = txn.newOverwrite().addFile(data_file)
         if previous is not None:
             update = update.deleteFile(previous)

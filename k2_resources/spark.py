@@ -18,7 +18,8 @@ Spark runs `local[*]` by default; `master` (e.g. `spark://host:7077`, `yarn`) or
 Connect, `sc://host:15002`) select a cluster by configuration alone, from K2_SPARK_MASTER /
 K2_SPARK_REMOTE. Jars are resolved the way Spark users do, by `spark.jars.packages` from Maven
 Central into the Ivy cache; their versions are pinned here, in one place, matching `pyspark`'s pin in
-pyproject.toml. A Spark Connect server resolves its own jars: start it with `spark_packages()`.
+pyproject.toml. A Spark Connect server resolves its own jars and holds the static settings:
+`spark-submit $(connect_server_args(...))` starts one on K2's catalog.
 """
 
 # No `from __future__ import annotations`: Dagster resolves resource field annotations at class creation.
@@ -43,6 +44,10 @@ ICEBERG_SPARK_RUNTIME = (
 ICEBERG_AWS_BUNDLE = f"org.apache.iceberg:iceberg-aws-bundle:{ICEBERG_VERSION}"
 SQLITE_JDBC = "org.xerial:sqlite-jdbc:3.50.3.0"
 POSTGRESQL_JDBC = "org.postgresql:postgresql:42.7.8"
+
+# Settings a Spark Connect client cannot change: the Connect server starts with them
+# (`connect_server_args`).
+SERVER_ONLY = ("spark.jars.packages", "spark.sql.extensions", "spark.driver.memory")
 
 SPARK_MASTER_SETTING = "K2_SPARK_MASTER"
 SPARK_REMOTE_SETTING = "K2_SPARK_REMOTE"
@@ -117,6 +122,16 @@ def iceberg_spark_config(catalog_name: str, properties: dict[str, str]) -> dict[
     }
 
 
+def connect_server_args(catalog_name: str, properties: dict[str, str], port: int, master: str) -> list[str]:
+    """`spark-submit` arguments of a Spark Connect server that serves K2's catalog to K2_SPARK_REMOTE."""
+    config = iceberg_spark_config(catalog_name, properties)
+    args = ["--class", "org.apache.spark.sql.connect.service.SparkConnectServer"]
+    args += ["--packages", config.pop("spark.jars.packages"), "--master", master]
+    for key, value in {**config, "spark.connect.grpc.binding.port": str(port)}.items():
+        args += ["--conf", f"{key}={value}"]
+    return [*args, "spark-internal"]
+
+
 class IcebergSparkResource(LazyPySparkResource):
     """A lazily started SparkSession whose Iceberg catalog is K2's catalog (see the module docstring).
 
@@ -154,10 +169,14 @@ class IcebergSparkResource(LazyPySparkResource):
             "spark.app.name": "k2-maintenance",
             "spark.ui.enabled": "false",
             "spark.sql.session.timeZone": "UTC",
+            # Expiry and orphan removal hold a table's file lists in the driver (local mode: all of Spark).
+            "spark.driver.memory": "2g",
             # Maintenance shuffles file lists, not data: Spark's 200 partitions only add task overhead.
             "spark.sql.shuffle.partitions": "8",
             **iceberg_spark_config(self.catalog_name, self.iceberg.resolved_properties()),
         }
+        if self.remote:
+            base = {k: v for k, v in base.items() if k not in SERVER_ONLY}
         return {**base, **self.spark_config}
 
     def _init_session(self) -> None:

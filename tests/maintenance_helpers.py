@@ -8,22 +8,26 @@ offsets tag exactly as a live ingestion run does. `python -m tests.maintenance_h
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from pyiceberg.io.pyarrow import _dataframe_to_data_files
 
 from k2_assets.bronze.ingestion import BronzeCommitter, read_stored_offsets
-from k2_assets.bronze.tables import bronze_table_spec
+from k2_assets.bronze.tables import OFFSETS_PROPERTY, OFFSETS_TAG, bronze_table_spec
 from k2_resources.exchanges import exchange
 from k2_resources.iceberg import IcebergCatalogResource, TableSpec
 
 BINANCE = exchange("binance")
+JAVA_COMMITS_PER_TRANSACTION = 100
 BRONZE_SPEC = bronze_table_spec(BINANCE)
 
 
@@ -82,6 +86,60 @@ def commit_batches(
     for _ in range(batches):
         committer.commit(rows, when)
     return committer.next_offset
+
+
+def java_bronze_table(spark: Any, catalog: IcebergCatalogResource) -> Any:
+    """The Bronze table as Iceberg's Java API sees it, through the Spark session's catalog."""
+    spark_util = spark._jvm.org.apache.iceberg.spark.Spark3Util
+    return spark_util.loadIcebergTable(
+        spark._jsparkSession, f"{catalog.catalog_name}.{BRONZE_SPEC.identifier}"
+    )
+
+
+def java_data_file(spark: Any, java_table: Any, path: str, size: int, records: int, when: datetime) -> Any:
+    """A Java DataFile for a Parquet file of Bronze rows ingested on `when`'s date."""
+    iceberg = spark._jvm.org.apache.iceberg
+    return (
+        iceberg.DataFiles.builder(java_table.spec())
+        .withPath(path)
+        .withFormat(iceberg.FileFormat.PARQUET)
+        .withFileSizeInBytes(size)
+        .withRecordCount(records)
+        .withPartitionPath(f"ingestion_date_day={when.date().isoformat()}")
+        .build()
+    )
+
+
+def java_history(
+    spark: Any, catalog: IcebergCatalogResource, days: float, commits: int, rows: int
+) -> dict[str, int]:
+    """`commits` ingestion-like commits whose rows were ingested evenly over the last `days`; rows per date.
+
+    Each commit appends one real data file (written by PyIceberg) and carries its offsets, like
+    BronzeCommitter's; the offsets tag ends on the last. They are made with Iceberg's Java API, many
+    per transaction (one metadata.json write each): PyIceberg rewrites the whole metadata on every
+    commit, which makes thousands of commits take many minutes to build.
+    """
+    table = catalog.ensure_table(BRONZE_SPEC)
+    java_table, now, per_day = java_bronze_table(spark, catalog), datetime.now(UTC), {}
+    txn = java_table.newTransaction()
+    for i in range(commits):
+        if i and i % JAVA_COMMITS_PER_TRANSACTION == 0:  # a transaction keeps every manifest it read
+            txn.commitTransaction()
+            java_table.refresh()
+            txn = java_table.newTransaction()
+        when = now - timedelta(days=days) + timedelta(days=days) * i / commits
+        (written,) = _dataframe_to_data_files(table.metadata, bronze_rows(i * rows, rows, when), table.io)
+        data_file = java_data_file(
+            spark, java_table, written.file_path, written.file_size_in_bytes, written.record_count, when
+        )
+        offsets = json.dumps({"0": (i + 1) * rows})
+        txn.newFastAppend().appendFile(data_file).set(OFFSETS_PROPERTY, offsets).commit()
+        per_day[when.date().isoformat()] = per_day.get(when.date().isoformat(), 0) + rows
+    txn.commitTransaction()
+    java_table.refresh()
+    java_table.manageSnapshots().createTag(OFFSETS_TAG, java_table.currentSnapshot().snapshotId()).commit()
+    return per_day
 
 
 class CommitterThread(threading.Thread):

@@ -29,7 +29,7 @@ from k2_resources.iceberg import IcebergCatalogResource
 from k2_resources.iceberg_maintenance import MaintenancePolicy, referenced_files
 from k2_resources.io_manager import RowScope, conform, replace_rows
 from k2_resources.spark import IcebergSparkResource
-from tests.maintenance_helpers import BRONZE_SPEC, OffsetCommitter, sqlite_catalog
+from tests.maintenance_helpers import BRONZE_SPEC, OffsetCommitter, java_history, sqlite_catalog
 from tests.test_maintenance import age_files
 
 OP = "maintenance__bronze_binance_trades"
@@ -124,7 +124,7 @@ def test_thousands_of_commits_maintained_while_another_process_commits(home: Pat
     """Bronze spanning the retention window, maintained beside a second committing process."""
     catalog = sqlite_catalog(home)
     commits = int(os.environ.get("K2_TEST_MAINTENANCE_COMMITS", "2000"))
-    per_day = spread_commits(catalog, commits, 5, days=10)
+    per_day = java_history(spark, catalog, 10, commits, 5)
     expired_day = (datetime.now(UTC) - timedelta(days=7)).date().isoformat()
     old_rows = sum(n for day, n in per_day.items() if day < expired_day)
     orphan = plant_orphan(catalog, timedelta(hours=30))
@@ -165,7 +165,7 @@ def test_thousands_of_commits_maintained_while_another_process_commits(home: Pat
     assert pc.min(offsets).as_py() == old_rows and pc.max(offsets).as_py() == stored - 1
     assert report.deleted_rows == old_rows and not orphan.exists()
     assert report.snapshots_expired >= commits - 2 and report.before.manifests >= commits
-    assert report.after.manifests < 50
+    assert report.after.manifests < report.before.manifests / 10  # what is left: the writer's own appends
     assert second.snapshots_expired > 0 and second.after.snapshots < report.before.snapshots / 4
     assert OFFSETS_TAG in table.metadata.refs
 

@@ -5,14 +5,23 @@ Real Spark (local, Iceberg's runtime from Maven Central), real SQLite and Postgr
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pyspark
 import pytest
 
 from k2_assets.bronze.ingestion import read_stored_offsets
+from k2_assets.maintenance.actions import maintain_table
+from k2_assets.maintenance.jobs import TARGETS
 from k2_resources.iceberg import IcebergCatalogResource
+from k2_resources.iceberg_maintenance import MaintenancePolicy
 from k2_resources.spark import (
     ICEBERG_AWS_BUNDLE,
     ICEBERG_SPARK_RUNTIME,
@@ -20,6 +29,7 @@ from k2_resources.spark import (
     SQLITE_JDBC,
     IcebergSparkResource,
     SparkConfigError,
+    connect_server_args,
     iceberg_spark_config,
 )
 from tests.maintenance_helpers import BRONZE_SPEC, assert_bronze_complete, commit_batches
@@ -144,3 +154,70 @@ def test_spark_reads_and_compacts_what_pyiceberg_wrote(
     # ...and PyIceberg keeps committing on top of it.
     assert commit_batches(catalog, 1, 50) == 650
     assert spark.sql(f"SELECT count(*) AS n FROM {name}").collect()[0].n == 650
+
+
+def test_maintenance_through_spark_connect_by_configuration_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Spark Connect server on K2's catalog (connect_server_args); the client is K2_SPARK_REMOTE only."""
+    catalog = IcebergCatalogResource(
+        properties={
+            "type": "sql",
+            "uri": f"sqlite:///{tmp_path}/catalog.db",
+            "warehouse": f"file://{tmp_path}/w",
+        }
+    )
+    (tmp_path / "w").mkdir()
+    commit_batches(catalog, 10, 10, when=datetime.now(UTC) - timedelta(days=9))
+    commit_batches(catalog, 10, 10)
+    port = free_port()
+    spark_home = Path(pyspark.__file__).parent
+    server = subprocess.Popen(
+        [
+            str(spark_home / "bin" / "spark-submit"),
+            *connect_server_args("k2", catalog.resolved_properties(), port, "local[2]"),
+        ],
+        env={**os.environ, "SPARK_HOME": str(spark_home)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, server, timeout=180)
+        monkeypatch.setenv("K2_SPARK_REMOTE", f"sc://127.0.0.1:{port}")
+        resource = IcebergSparkResource.from_environment(catalog)
+        spark = resource.spark_session
+        assert type(spark).__module__.startswith("pyspark.sql.connect")
+        target = next(t for t in TARGETS if t.spec.name == BRONZE_SPEC.name)
+        policy = MaintenancePolicy(7, 0, 24 * 60)  # expiry below its floor: time compressed
+        report = maintain_table(
+            spark, "k2", catalog.load_table(BRONZE_SPEC), target, policy, datetime.now(UTC)
+        )
+        spark.stop()
+    finally:
+        server.terminate()
+        server.wait(60)
+    assert report.deleted_rows == 100 and report.snapshots_expired == 19
+    assert report.after.snapshots <= 3 and report.after.manifests == 1
+    table = catalog.load_table(BRONZE_SPEC)
+    assert read_stored_offsets(table) == {0: 200}
+    assert sorted(table.scan(selected_fields=("offset",)).to_arrow()["offset"].to_pylist()) == list(
+        range(100, 200)
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"the Spark Connect server exited with {process.returncode}"
+        try:
+            socket.create_connection(("127.0.0.1", port), 1).close()
+            return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"Spark Connect server not listening on {port} after {timeout} s")

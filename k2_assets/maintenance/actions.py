@@ -1,8 +1,8 @@
 """One maintenance pass over one table, with Iceberg's own Spark procedures.
 
-In order: delete rows past the table's retention (`DELETE FROM`, partition-aligned, so metadata
-only), compact closed days (`rewrite_data_files`: the table's sort order if it has one, else bin
-packing, to the table's target file size), merge manifests (`rewrite_manifests`), expire snapshots
+In order: merge manifests (`rewrite_manifests`), delete rows past the table's retention (`DELETE
+FROM`, partition-aligned, so metadata only), compact closed days (`rewrite_data_files`: the table's
+sort order if it has one, else bin packing, to the table's target file size), expire snapshots
 superseded longer ago than the policy allows (`expire_snapshots` by id; branch and tag heads, so
 Bronze's offsets snapshot, are never candidates, and Iceberg refuses them anyway), then delete
 unreferenced files older than the grace (`remove_orphan_files`).
@@ -218,6 +218,10 @@ def maintain_table(
         report.steps[name] = time.monotonic() - begun
         return result
 
+    # Manifests first: a delete or compaction rewrites manifests inside its commit, so thousands of
+    # one-file manifests (Bronze's appends) would keep its commit window open longer than the gap
+    # between two ingestion commits, and it would lose every race.
+    report.rewritten_manifests = step("manifests", work.rewrite_manifests)
     expire_rows_before = policy.rows_expire_before(now)
     if expire_rows_before is not None:
         report.deleted_rows = step("retention", lambda: work.delete_rows_before(expire_rows_before.date()))
@@ -225,7 +229,6 @@ def maintain_table(
         report.rewritten_data_files, report.added_data_files = step(
             "compaction", lambda: work.compact_before(now.date())
         )
-    report.rewritten_manifests = step("manifests", work.rewrite_manifests)
     report.snapshots_expired = step(
         "expiry", lambda: work.expire_snapshots(policy.snapshots_expire_before(now))
     )
