@@ -18,8 +18,9 @@ the halting one that fails for another reason, ends the halt.
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import dagster as dg
 
@@ -27,6 +28,8 @@ from k2_assets.bronze.assets import bronze_asset_key
 from k2_assets.bronze.jobs import INGESTION_TAG, ingestion_jobs
 from k2_assets.resources import automation_status
 from k2_resources.exchanges import EXCHANGES, ExchangeConfig
+
+H = TypeVar("H")  # what makes a job's newest failure one that needs a person
 
 ACTIVE_STATUSES = [
     dg.DagsterRunStatus.QUEUED,
@@ -96,11 +99,14 @@ def needs_a_person(instance: dg.DagsterInstance, run_id: str) -> Halt | None:
     return Halt(run_id, tuple(dict.fromkeys(name for name, _ in found)), found[0][1])
 
 
-def ingestion_state(instance: dg.DagsterInstance, exchange: ExchangeConfig) -> IngestionState:
-    tags = {INGESTION_TAG: exchange.name}
+def run_history_state(
+    instance: dg.DagsterInstance, tags: dict[str, str], halting: Callable[[str], H | None]
+) -> tuple[IngestionState, H | None]:
+    """A kept-alive job's state from its runs with `tags`: active, or the failures since the last
+    success and whether the newest failure (`halting(run_id)`) needs a person."""
     active = instance.get_run_records(filters=dg.RunsFilter(tags=tags, statuses=ACTIVE_STATUSES), limit=1)
     if active:
-        return IngestionState(active=active[0].dagster_run)
+        return IngestionState(active=active[0].dagster_run), None
     finished = instance.get_run_records(
         filters=dg.RunsFilter(tags=tags, statuses=FINISHED_STATUSES), limit=RUNS_LOOKED_AT
     )
@@ -109,12 +115,18 @@ def ingestion_state(instance: dg.DagsterInstance, exchange: ExchangeConfig) -> I
         if record.dagster_run.status == dg.DagsterRunStatus.SUCCESS:
             break
         if failures == 0 and record.dagster_run.status == dg.DagsterRunStatus.FAILURE:
-            halt = needs_a_person(instance, record.dagster_run.run_id)
+            halt = halting(record.dagster_run.run_id)
             if halt is not None:
-                return IngestionState(halt=halt)
+                return IngestionState(), halt
         failures += 1
     last_end = finished[0].end_time if finished else None
-    return IngestionState(failures=failures, last_end=last_end)
+    return IngestionState(failures=failures, last_end=last_end), None
+
+
+def ingestion_state(instance: dg.DagsterInstance, exchange: ExchangeConfig) -> IngestionState:
+    tags = {INGESTION_TAG: exchange.name}
+    state, halt = run_history_state(instance, tags, lambda run_id: needs_a_person(instance, run_id))
+    return IngestionState(halt=halt) if halt is not None else state
 
 
 def halted_check_evaluation(exchange: ExchangeConfig, halt: Halt | None) -> dg.AssetCheckEvaluation:

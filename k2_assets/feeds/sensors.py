@@ -14,13 +14,7 @@ import time
 
 import dagster as dg
 
-from k2_assets.bronze.sensors import (
-    ACTIVE_STATUSES,
-    FINISHED_STATUSES,
-    RUNS_LOOKED_AT,
-    IngestionState,
-    failure_errors,
-)
+from k2_assets.bronze.sensors import IngestionState, failure_errors, run_history_state
 from k2_assets.feeds.checks import freshness_evaluation
 from k2_assets.feeds.jobs import FEED_TAG, feed_jobs
 from k2_resources.exchanges import EXCHANGES, ExchangeConfig
@@ -31,24 +25,12 @@ CONFIG_ERRORS = frozenset({"FeedConfigError"})
 def feed_state(instance: dg.DagsterInstance, exchange: ExchangeConfig) -> tuple[IngestionState, str | None]:
     """The run history's state of the feed, and the configuration error that halts it, if any."""
     tags = {FEED_TAG: exchange.name}
-    active = instance.get_run_records(filters=dg.RunsFilter(tags=tags, statuses=ACTIVE_STATUSES), limit=1)
-    if active:
-        return IngestionState(active=active[0].dagster_run), None
-    finished = instance.get_run_records(
-        filters=dg.RunsFilter(tags=tags, statuses=FINISHED_STATUSES), limit=RUNS_LOOKED_AT
-    )
-    failures = 0
-    for record in finished:
-        if record.dagster_run.status == dg.DagsterRunStatus.SUCCESS:
-            break
-        if failures == 0 and record.dagster_run.status == dg.DagsterRunStatus.FAILURE:
-            errors = failure_errors(instance, record.dagster_run.run_id)
-            config_error = next((m for name, m in errors if name in CONFIG_ERRORS), None)
-            if config_error is not None:
-                return IngestionState(), f"run {record.dagster_run.run_id}: {config_error}"
-        failures += 1
-    last_end = finished[0].end_time if finished else None
-    return IngestionState(failures=failures, last_end=last_end), None
+
+    def config_error(run_id: str) -> str | None:
+        message = next((m for name, m in failure_errors(instance, run_id) if name in CONFIG_ERRORS), None)
+        return f"run {run_id}: {message}" if message is not None else None
+
+    return run_history_state(instance, tags, config_error)
 
 
 def build_feed_sensor(exchange: ExchangeConfig) -> dg.SensorDefinition:
