@@ -4,22 +4,35 @@ Gold partition H is computed from scratch from the Silver rows of all exchanges 
 in H, wherever those rows sit in Silver (a trade that arrived days late is in an old event hour but a
 new Silver partition). Exact duplicates (same message_id) are dropped, keeping the first ingested
 copy; rows the dedup job removed (listed in `gold_dedup_audit`) stay removed on every re-run.
-Deduplication spills to disk by key hash, so memory is bounded whatever the hour's size.
+PyIceberg reads Silver as an Arrow stream, DuckDB drops the removed rows and the duplicates (spilling
+by itself beyond its memory limit) and sorts by trade time, and the IO manager writes DuckDB's Arrow
+result in one commit: memory is bounded whatever the hour's size.
 """
 
 # No `from __future__ import annotations`: Dagster reads op parameter annotations at definition time.
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 import pyarrow as pa
 import pyarrow.compute as pc
 from pyiceberg.expressions import And, GreaterThanOrEqual, LessThan, LessThanOrEqual
+from pyiceberg.io.pyarrow import schema_to_pyarrow
 from pyiceberg.table import Table
 
 from k2_assets.gold.checks import gold_check_specs, matches_silver_result, no_duplicates_result
-from k2_assets.gold.dedup import DedupPlan, deduplicate, find_duplicates
+from k2_assets.gold.dedup import (
+    MICROS_PER_HOUR,
+    DedupPlan,
+    DuckDBConfig,
+    connect,
+    first_copies_sql,
+    peeked,
+    results,
+    without_removed_sql,
+)
 from k2_assets.gold.tables import DEDUP_AUDIT_TABLE_SPEC, GOLD_TABLE_SPEC
 from k2_assets.partitions import hourly_automation, hourly_partitions
 from k2_assets.silver.assets import IO_MANAGER_KEY, silver_asset_key
@@ -32,7 +45,6 @@ GOLD_KEY = dg.AssetKey(GOLD_TABLE_SPEC.name)
 V2_COLUMNS = tuple(f.name for f in v2_fields())
 LINEAGE_COLUMNS = ("bronze_ingestion_timestamp", "topic", "partition", "offset")
 FIRST_INGESTED = DedupPlan(key=["message_id"], order=list(LINEAGE_COLUMNS), output_order=["timestamp"])
-MICROS_PER_HOUR = 3_600_000_000
 # Gold output metadata: when the Silver snapshots this materialisation was computed from were pinned.
 SILVER_READ_AT = "silver_read_at"
 
@@ -78,45 +90,37 @@ class SilverTrades:
                     selected_fields=columns,
                 )
 
-    def rows_hint(self) -> int:
-        """An upper bound of the rows in the window (file record counts), to size dedup buckets."""
-        return sum(
-            task.file.record_count for scan in self._scans(("message_id",)) for task in scan.plan_files()
-        )
-
     def batches(self, columns: tuple[str, ...] = V2_COLUMNS + LINEAGE_COLUMNS) -> Iterator[pa.RecordBatch]:
         for scan in self._scans(columns):
             yield from stream_scan(scan)
 
+    def stream(self, columns: tuple[str, ...] = V2_COLUMNS + LINEAGE_COLUMNS) -> pa.RecordBatchReader:
+        """The rows as one Arrow stream, read a data file at a time as DuckDB pulls them."""
+        schema = schema_to_pyarrow(self.tables[0].schema().select(*columns))
+        return peeked(self.batches(columns), schema)
 
-def audited_removals(iceberg: IcebergCatalogResource, start: datetime, end: datetime) -> set[str]:
-    """`message_id|hour` of every Gold row the dedup job removed in the window."""
+
+REMOVED_SCHEMA = pa.schema([("message_id", pa.string()), ("event_hour", pa.int64())])
+
+
+def audited_removals(iceberg: IcebergCatalogResource, start: datetime, end: datetime) -> pa.Table:
+    """(message_id, event hour index) of every Gold row the dedup job removed in the window, once each."""
     audit = iceberg.ensure_table(DEDUP_AUDIT_TABLE_SPEC)
     if audit.current_snapshot() is None:
-        return set()
+        return REMOVED_SCHEMA.empty_table()
     rows = audit.scan(
         row_filter=event_time_filter(start, end), selected_fields=("message_id", "timestamp")
     ).to_arrow()
-    return set(row_keys(rows).to_pylist())
+    keys = pa.table(
+        [rows["message_id"], pc.divide(rows["timestamp"], MICROS_PER_HOUR)], schema=REMOVED_SCHEMA
+    )
+    return keys.group_by(["message_id", "event_hour"]).aggregate([])
 
 
 def row_keys(rows: pa.Table | pa.RecordBatch) -> pa.Array:
     """`message_id|event hour index`: identifies one Gold row (message_ids are unique within an hour)."""
     hour = pc.divide(rows.column("timestamp"), MICROS_PER_HOUR).cast(pa.string())
     return pc.binary_join_element_wise(rows.column("message_id").cast(pa.string()), hour, "|")
-
-
-def without_removed(
-    batches: Iterator[pa.RecordBatch], removed: set[str], stats: dict
-) -> Iterator[pa.RecordBatch]:
-    removed_keys = pa.array(sorted(removed), pa.string())
-    for batch in batches:
-        stats["silver_rows"] += batch.num_rows
-        if len(removed_keys):
-            keep = pc.invert(pc.is_in(row_keys(batch), value_set=removed_keys))
-            batch = batch.filter(keep)
-        stats["after_audit"] += batch.num_rows
-        yield batch
 
 
 def to_gold(batch: pa.RecordBatch, now: datetime) -> pa.RecordBatch:
@@ -130,6 +134,26 @@ def to_gold(batch: pa.RecordBatch, now: datetime) -> pa.RecordBatch:
     return pa.RecordBatch.from_pydict(columns)
 
 
+@dataclass(frozen=True)
+class SilverCounts:
+    rows: int  # Silver rows in the window
+    removed: int  # of which the dedup job removed
+    distinct_trades: int  # distinct message_ids among the others
+
+
+def count_silver(silver: SilverTrades, removed: pa.Table, engine: DuckDBConfig) -> SilverCounts:
+    """Silver rows of the window, those the dedup job removed, and distinct message_ids of the rest."""
+    with connect(engine) as con:
+        con.register("silver", silver.stream(("message_id", "timestamp")))
+        con.register("removed", removed)
+        rows, gone, distinct = con.execute(
+            "SELECT count(*), count(r.message_id), count(DISTINCT s.message_id) FILTER (r.message_id IS NULL) "
+            "FROM silver s LEFT JOIN removed r "
+            f"ON s.message_id = r.message_id AND s.timestamp // {MICROS_PER_HOUR} = r.event_hour"
+        ).fetchone()
+    return SilverCounts(rows, gone, distinct)
+
+
 class GoldStream:
     """The Gold rows of a window, streamed into the IO manager, with what was dropped on the way.
 
@@ -137,27 +161,45 @@ class GoldStream:
     concurrent write of the same hour, so the retry writes a fresh computation, never the stale one.
     """
 
-    def __init__(self, iceberg: IcebergCatalogResource, start: datetime, end: datetime):
+    def __init__(
+        self,
+        iceberg: IcebergCatalogResource,
+        start: datetime,
+        end: datetime,
+        engine: DuckDBConfig | None = None,
+    ):
         self.iceberg, self.start, self.end = iceberg, start, end
+        self.engine = engine or DuckDBConfig()
         self.refresh()
 
     def refresh(self) -> None:
         self.silver = SilverTrades(self.iceberg, self.start, self.end)
         self.removed = audited_removals(self.iceberg, self.start, self.end)
-        self.stats = {"silver_rows": 0, "after_audit": 0, "gold_rows": 0}
+        self.gold_rows = 0
+        self._counts: SilverCounts | None = None
         self.now = datetime.now(UTC)
 
     def __iter__(self) -> Iterator[pa.RecordBatch]:
-        rows = without_removed(self.silver.batches(), self.removed, self.stats)
-        for batch in deduplicate(rows, FIRST_INGESTED, max(1, self.silver.rows_hint())):
-            self.stats["gold_rows"] += batch.num_rows
-            yield to_gold(batch, self.now)
+        with connect(self.engine) as con:
+            con.register("silver", self.silver.stream())
+            con.register("removed", self.removed)
+            query = first_copies_sql(without_removed_sql("silver", "removed"), FIRST_INGESTED)
+            for batch in results(con, query):
+                self.gold_rows += batch.num_rows
+                yield to_gold(batch, self.now)
+
+    def counts(self) -> SilverCounts:
+        """The window's Silver rows counted again (not by the write): what Gold must hold."""
+        if self._counts is None:
+            self._counts = count_silver(self.silver, self.removed, self.engine)
+        return self._counts
 
     def output_metadata(self) -> dict:
+        counts = self.counts()
         return {
-            "silver_rows_in_window": self.stats["silver_rows"],
-            "exact_duplicates_dropped": self.stats["after_audit"] - self.stats["gold_rows"],
-            "removed_by_dedup_job": self.stats["silver_rows"] - self.stats["after_audit"],
+            "silver_rows_in_window": counts.rows,
+            "exact_duplicates_dropped": counts.rows - counts.removed - self.gold_rows,
+            "removed_by_dedup_job": counts.removed,
             "silver_snapshots": dg.MetadataValue.json({k: str(v) for k, v in self.silver.snapshots.items()}),
             SILVER_READ_AT: dg.MetadataValue.timestamp(self.silver.read_at),
         }
@@ -184,22 +226,15 @@ class GoldStream:
     check_specs=gold_check_specs(GOLD_KEY),
     automation_condition=hourly_automation(complete_at_minute=10),
 )
-def gold_crypto_trades(context: dg.AssetExecutionContext, iceberg: IcebergCatalogResource):
+def gold_crypto_trades(
+    context: dg.AssetExecutionContext, config: DuckDBConfig, iceberg: IcebergCatalogResource
+):
     window = context.partition_time_window
-    stream = GoldStream(iceberg, window.start, window.end)
+    stream = GoldStream(iceberg, window.start, window.end, config)
     yield dg.Output(stream)
-    silver, removed = stream.silver, stream.removed  # what the committed write was computed from
+    # What the committed write was computed from (a recomputed write refreshed the stream).
     gold = read_scope(
         iceberg.load_table(GOLD_TABLE_SPEC), GOLD_TABLE_SPEC, RowScope(window.start, window.end)
     )
-    yield no_duplicates_result(GOLD_KEY, gold, find_duplicates)
-    expected = count_distinct_trades(silver, removed)
-    yield matches_silver_result(GOLD_KEY, gold.count(), expected)
-
-
-def count_distinct_trades(silver: SilverTrades, removed: set[str]) -> int:
-    """Distinct message_ids of the window's Silver rows, less the rows the dedup job removed."""
-    stats = {"silver_rows": 0, "after_audit": 0}
-    rows = without_removed(silver.batches(("message_id", "timestamp")), removed, stats)
-    plan = DedupPlan(key=["message_id"], order=["message_id"])
-    return sum(b.num_rows for b in deduplicate(rows, plan, max(1, silver.rows_hint())))
+    yield no_duplicates_result(GOLD_KEY, gold, config)
+    yield matches_silver_result(GOLD_KEY, gold.count(), stream.counts().distinct_trades)

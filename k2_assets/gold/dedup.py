@@ -1,26 +1,88 @@
-"""Deduplication in bounded memory, whatever the hour's size.
+"""Deduplication on DuckDB, in bounded memory whatever the hour's size.
 
-The predecessor's streaming `dropDuplicates` kept every key of the watermark window in memory and
-died three times before it was switched off. Here rows are spilled to local Parquet files by a hash
-of the dedup key, so each bucket holds about `bucket_rows` rows and every copy of a key lands in the
-same bucket; each bucket is then deduplicated on its own by DuckDB. Memory is bounded by one bucket
-(plus DuckDB's `memory_limit`); disk holds the spill while the hour is processed.
+The predecessor's streaming `dropDuplicates` kept every key of its watermark window in memory and died;
+K2's first answer was a hand-written hash-bucket spill. Both are replaced by DuckDB: its window, sort
+and hash-aggregate operators work out of core, spilling to `temp_directory` by themselves once
+`memory_limit` is reached. Rows come in as Arrow streams (read by PyIceberg, so field ids, schema
+evolution and any FileIO are handled there) and leave as Arrow streams, so the caller writes them with
+PyIceberg. Every function here is plain SQL over a relation: another engine (K2_ENGINE=spark) can
+implement the same functions with the same meaning.
 """
 
 from __future__ import annotations
 
-import math
+import itertools
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import dagster as dg
 import duckdb
 import pyarrow as pa
-import pyarrow.parquet as pq
+from pydantic import Field
 
-DEFAULT_BUCKET_ROWS = 1_000_000
-DUCKDB_MEMORY_LIMIT = "1GB"
+from k2_resources.settings import k2_home
+
+MICROS_PER_HOUR = 3_600_000_000
+BATCH_ROWS = 100_000
+
+
+class DuckDBConfig(dg.Config):
+    """DuckDB's limits for Gold: the memory it may hold before spilling, and the threads it may use."""
+
+    duckdb_memory_limit: str = Field(
+        "400MB", description="DuckDB memory_limit: beyond it, dedup and sort spill to $K2_HOME/tmp."
+    )
+    duckdb_threads: int = Field(2, description="DuckDB threads (the machine's cores are shared).")
+
+
+@contextmanager
+def connect(config: DuckDBConfig) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A DuckDB connection capped at the configured memory, spilling under K2_HOME (removed afterwards).
+
+    preserve_insertion_order=false lets operators stream without keeping input order: every query
+    here that needs an order says ORDER BY.
+    """
+    scratch_root = k2_home() / "tmp"
+    scratch_root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="duckdb-", dir=scratch_root) as scratch:
+        try:
+            con = duckdb.connect(
+                config={
+                    "memory_limit": config.duckdb_memory_limit,
+                    "threads": config.duckdb_threads,
+                    "temp_directory": str(Path(scratch) / "spill"),
+                    "preserve_insertion_order": False,
+                }
+            )
+        except duckdb.Error as err:
+            raise ValueError(
+                f"DuckDB refused duckdb_memory_limit={config.duckdb_memory_limit!r} / "
+                f"duckdb_threads={config.duckdb_threads}: {err}"
+            ) from err
+        try:
+            yield con
+        finally:
+            con.close()
+
+
+def arrow_stream(batches: Iterable[pa.RecordBatch], schema: pa.Schema) -> pa.RecordBatchReader:
+    """Batches as one Arrow stream DuckDB can scan lazily (it pulls a batch at a time)."""
+    return pa.RecordBatchReader.from_batches(schema, iter(batches))
+
+
+def peeked(batches: Iterator[pa.RecordBatch], schema: pa.Schema) -> pa.RecordBatchReader:
+    """`batches` as a stream whose schema is the first batch's (or `schema` when there is none)."""
+    first = next(batches, None)
+    if first is None:
+        return pa.RecordBatchReader.from_batches(schema, iter(()))
+    return pa.RecordBatchReader.from_batches(first.schema, itertools.chain([first], batches))
+
+
+def quoted(columns: Sequence[str]) -> str:
+    return ", ".join(f'"{c}"' for c in columns)
 
 
 @dataclass(frozen=True)
@@ -30,111 +92,44 @@ class DedupPlan:
     key: Sequence[str]
     order: Sequence[str]
     output_order: Sequence[str] = ()
-    bucket_rows: int = DEFAULT_BUCKET_ROWS
 
 
-def connect(scratch: Path) -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection capped in memory and spilling to `scratch`."""
-    return duckdb.connect(
-        config={
-            "memory_limit": DUCKDB_MEMORY_LIMIT,
-            "temp_directory": str(scratch / "duckdb"),
-            "preserve_insertion_order": False,
-            "threads": 2,
-        }
+def without_removed_sql(relation: str, removed: str) -> str:
+    """`relation` less the rows whose (message_id, event hour) is in `removed`(message_id, event_hour)."""
+    return (
+        f"SELECT s.* FROM {relation} s ANTI JOIN {removed} r "
+        f"ON s.message_id = r.message_id AND s.timestamp // {MICROS_PER_HOUR} = r.event_hour"
     )
 
 
-def _quoted(columns: Sequence[str]) -> str:
-    return ", ".join(f'"{c}"' for c in columns)
-
-
-class BucketSpill:
-    """Streams batches into `count` Parquet files by hash of the key columns."""
-
-    def __init__(self, scratch: Path, key: Sequence[str], count: int, con: duckdb.DuckDBPyConnection):
-        self.scratch, self.key, self.count, self.con = scratch, key, count, con
-        self.writers: dict[int, pq.ParquetWriter] = {}
-        self.rows = 0
-
-    def path(self, bucket: int) -> Path:
-        return self.scratch / f"bucket-{bucket:05d}.parquet"
-
-    def add(self, batch: pa.RecordBatch) -> None:
-        if batch.num_rows == 0:
-            return
-        self.rows += batch.num_rows
-        if self.count == 1:
-            self._write(0, pa.Table.from_batches([batch]))
-            return
-        view = pa.Table.from_batches([batch])
-        buckets = self.con.execute(
-            f"SELECT (hash({_quoted(self.key)}) % {self.count})::INTEGER AS b FROM view"
-        ).to_arrow_table()["b"]
-        table = view.append_column("__bucket", buckets)
-        for bucket in set(buckets.to_pylist()):
-            part = table.filter(pa.compute.equal(table["__bucket"], bucket)).drop_columns(["__bucket"])
-            self._write(bucket, part)
-
-    def _write(self, bucket: int, table: pa.Table) -> None:
-        writer = self.writers.get(bucket)
-        if writer is None:
-            writer = self.writers[bucket] = pq.ParquetWriter(self.path(bucket), table.schema)
-        writer.write_table(table)
-
-    def close(self) -> list[Path]:
-        for writer in self.writers.values():
-            writer.close()
-        return [self.path(b) for b in sorted(self.writers)]
-
-
-def _per_bucket(
-    batches: Iterator[pa.RecordBatch],
-    plan: DedupPlan,
-    rows_hint: int,
-    query: Callable[[Path], str],
-    batch_rows: int,
-) -> Iterator[pa.RecordBatch]:
-    """Spill `batches` to hash buckets of the key, then yield `query(bucket file)` over each bucket."""
-    with tempfile.TemporaryDirectory(prefix="k2-dedup-") as tmp:
-        scratch = Path(tmp)
-        con = connect(scratch)
-        spill = BucketSpill(scratch, plan.key, max(1, math.ceil(rows_hint / plan.bucket_rows)), con)
-        for batch in batches:
-            spill.add(batch)
-        for path in spill.close():
-            yield from con.execute(query(path)).to_arrow_reader(batch_rows)
-            path.unlink()
-        con.close()
-
-
-def deduplicate(
-    batches: Iterator[pa.RecordBatch], plan: DedupPlan, rows_hint: int, batch_rows: int = 100_000
-) -> Iterator[pa.RecordBatch]:
-    """The first row of every key, in bounded memory; `rows_hint` (an upper bound) sizes the buckets."""
-    order_by = f"ORDER BY {_quoted(plan.output_order)}" if plan.output_order else ""
-    first = f"row_number() OVER (PARTITION BY {_quoted(plan.key)} ORDER BY {_quoted(plan.order)}) = 1"
-    return _per_bucket(
-        batches,
-        plan,
-        rows_hint,
-        lambda path: f"SELECT * FROM read_parquet('{path}') QUALIFY {first} {order_by}",
-        batch_rows,
+def first_copies_sql(relation: str, plan: DedupPlan) -> str:
+    """The first row of every key of `relation` by `plan.order`, sorted by `plan.output_order`."""
+    order_by = f"ORDER BY {quoted(plan.output_order)}" if plan.output_order else ""
+    return (
+        f"SELECT * FROM ({relation}) "
+        f"QUALIFY row_number() OVER (PARTITION BY {quoted(plan.key)} ORDER BY {quoted(plan.order)}) = 1 "
+        f"{order_by}"
     )
 
 
-def find_duplicates(
-    batches: Iterator[pa.RecordBatch], plan: DedupPlan, rows_hint: int, batch_rows: int = 100_000
+def later_copies_sql(relation: str, plan: DedupPlan, reason: str, rank: int) -> str:
+    """Every row of `relation` a dedup by `plan` removes, with `kept_message_id` (the survivor's), `reason`.
+
+    Only keys that occur more than once are windowed (a semi join on a grouped count): with duplicates
+    rare, the sort behind the window sees a few rows instead of the whole relation.
+    """
+    key, order = quoted(plan.key), quoted(plan.order)
+    return (
+        f"SELECT * EXCLUDE (copy_number), '{reason}' AS reason, {rank} AS reason_rank FROM ("
+        f"  SELECT d.*, row_number() OVER w AS copy_number, first_value(message_id) OVER w AS kept_message_id"
+        f"  FROM {relation} d SEMI JOIN (SELECT {key} FROM {relation} GROUP BY ALL HAVING count(*) > 1) USING ({key})"
+        f"  WINDOW w AS (PARTITION BY {key} ORDER BY {order})"
+        ") WHERE copy_number > 1"
+    )
+
+
+def results(
+    con: duckdb.DuckDBPyConnection, sql: str, batch_rows: int = BATCH_ROWS
 ) -> Iterator[pa.RecordBatch]:
-    """Every row a dedup by `plan` would remove, with `kept_message_id`: the message_id of the survivor."""
-    window = f"PARTITION BY {_quoted(plan.key)} ORDER BY {_quoted(plan.order)}"
-
-    def losers(path: Path) -> str:
-        return (
-            "SELECT * EXCLUDE (rn) FROM ("
-            "  SELECT *, row_number() OVER w AS rn, first_value(message_id) OVER w AS kept_message_id"
-            f"  FROM read_parquet('{path}') WINDOW w AS ({window})"
-            ") WHERE rn > 1"
-        )
-
-    return _per_bucket(batches, plan, rows_hint, losers, batch_rows)
+    """The query's rows as Arrow batches, streamed (DuckDB produces them as they are fetched)."""
+    yield from con.execute(sql).to_arrow_reader(batch_rows)
