@@ -11,8 +11,9 @@ import os
 
 import dagster as dg
 
+from k2_resources.engine import EngineIOManager, EngineResource
 from k2_resources.iceberg import IcebergCatalogResource
-from k2_resources.io_manager import DEFAULT_CHUNK_ROWS, IcebergIOManager
+from k2_resources.io_manager import DEFAULT_CHUNK_ROWS
 from k2_resources.kafka import kafka_from_env, schema_registry_from_env
 
 AUTOMATION_SETTING = "K2_AUTOMATION"
@@ -49,10 +50,10 @@ class IcebergTablesIOManager(dg.ConfigurableIOManagerFactory):
     iceberg: dg.ResourceDependency[IcebergCatalogResource]
     chunk_rows: int = DEFAULT_CHUNK_ROWS
 
-    def create_io_manager(self, context: dg.InitResourceContext) -> IcebergIOManager:
+    def create_io_manager(self, context: dg.InitResourceContext) -> EngineIOManager:
         from k2_assets.tables import all_table_specs
 
-        return IcebergIOManager(
+        return EngineIOManager(
             self.iceberg, {spec.name: spec for spec in all_table_specs()}, self.chunk_rows
         )
 
@@ -64,4 +65,6 @@ def build_resources() -> dict[str, object]:
         "schema_registry": schema_registry_from_env(),
         "iceberg": iceberg,
         "iceberg_io_manager": IcebergTablesIOManager(iceberg=iceberg),
+        # K2_ENGINE=embedded|spark: which engine computes Silver and Gold (k2_resources/engine.py).
+        "engine": EngineResource.from_environment(iceberg),
     }

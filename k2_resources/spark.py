@@ -25,12 +25,14 @@ pyproject.toml. A Spark Connect server resolves its own jars and holds the stati
 # No `from __future__ import annotations`: Dagster resolves resource field annotations at class creation.
 
 import os
+import sys
 from typing import Any
 from urllib.parse import unquote, urlparse
 
 import dagster as dg
 from dagster_pyspark import LazyPySparkResource
 from dagster_pyspark.resources import spark_session_from_config
+from pyiceberg.catalog import _ENV_CONFIG
 
 from k2_resources.iceberg import IcebergCatalogResource
 
@@ -47,7 +49,7 @@ POSTGRESQL_JDBC = "org.postgresql:postgresql:42.7.8"
 
 # Settings a Spark Connect client cannot change: the Connect server starts with them
 # (`connect_server_args`).
-SERVER_ONLY = ("spark.jars.packages", "spark.sql.extensions", "spark.driver.memory")
+SERVER_ONLY = ("spark.jars.packages", "spark.sql.extensions", "spark.driver.memory", "spark.pyspark.python")
 
 SPARK_MASTER_SETTING = "K2_SPARK_MASTER"
 SPARK_REMOTE_SETTING = "K2_SPARK_REMOTE"
@@ -141,20 +143,28 @@ class IcebergSparkResource(LazyPySparkResource):
     iceberg: dg.ResourceDependency[IcebergCatalogResource]
     master: str = DEFAULT_MASTER
     remote: str = ""
+    app_name: str = "k2-maintenance"
     spark_config: dict[str, Any] = {}
 
     @classmethod
-    def from_environment(cls, iceberg: IcebergCatalogResource) -> "IcebergSparkResource":
+    def from_environment(cls, iceberg: IcebergCatalogResource, app_name: str = "k2-maintenance") -> "IcebergSparkResource":
         """The resource as a deployment configures it: K2_SPARK_MASTER or K2_SPARK_REMOTE, else local."""
         return cls(
             iceberg=iceberg,
-            master=os.environ.get(SPARK_MASTER_SETTING, DEFAULT_MASTER),
-            remote=os.environ.get(SPARK_REMOTE_SETTING, ""),
+            master=os.environ.get(SPARK_MASTER_SETTING) or DEFAULT_MASTER,
+            remote=os.environ.get(SPARK_REMOTE_SETTING) or "",
+            app_name=app_name,
         )
 
     @property
     def catalog_name(self) -> str:
         return self.iceberg.catalog_name
+
+    def catalog_properties(self) -> dict[str, str]:
+        """The catalog's properties as PyIceberg loads them: its configuration from the environment
+        (PYICEBERG_CATALOG__<NAME>__*, .pyiceberg.yaml) under the resource's own properties."""
+        configured = _ENV_CONFIG.get_catalog_config(self.catalog_name) or {}
+        return {**{k: str(v) for k, v in configured.items()}, **self.iceberg.resolved_properties()}
 
     def full_config(self) -> dict[str, Any]:
         """Everything the session is built with: master or remote, the catalog, then overrides."""
@@ -166,14 +176,17 @@ class IcebergSparkResource(LazyPySparkResource):
         where = {"spark.remote": self.remote} if self.remote else {"spark.master": self.master}
         base = {
             **where,
-            "spark.app.name": "k2-maintenance",
+            "spark.app.name": self.app_name,
+            # Python tasks (the engine's mapInArrow) run K2's own interpreter (K2's image on a cluster).
+            "spark.pyspark.python": sys.executable,
             "spark.ui.enabled": "false",
+            "spark.ui.showConsoleProgress": "false",  # progress bars would fill the runs' logs
             "spark.sql.session.timeZone": "UTC",
             # Expiry and orphan removal hold a table's file lists in the driver (local mode: all of Spark).
             "spark.driver.memory": "2g",
             # Maintenance shuffles file lists, not data: Spark's 200 partitions only add task overhead.
             "spark.sql.shuffle.partitions": "8",
-            **iceberg_spark_config(self.catalog_name, self.iceberg.resolved_properties()),
+            **iceberg_spark_config(self.catalog_name, self.catalog_properties()),
         }
         if self.remote:
             base = {k: v for k, v in base.items() if k not in SERVER_ONLY}
@@ -181,6 +194,9 @@ class IcebergSparkResource(LazyPySparkResource):
 
     def _init_session(self) -> None:
         if self._spark_session is None:
+            if not self.remote:
+                # PySpark starts local Python workers with $PYSPARK_PYTHON (default: python3 on the PATH).
+                os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
             self._spark_session = spark_session_from_config(self.full_config())
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:

@@ -37,6 +37,7 @@ from k2_assets.gold.tables import DEDUP_AUDIT_TABLE_SPEC, GOLD_TABLE_SPEC
 from k2_assets.partitions import hourly_automation, hourly_partitions
 from k2_assets.silver.assets import IO_MANAGER_KEY, silver_asset_key
 from k2_assets.silver.tables import silver_table_spec, v2_fields
+from k2_resources.engine import EngineResource
 from k2_resources.exchanges import EXCHANGES
 from k2_resources.iceberg import IcebergCatalogResource
 from k2_resources.io_manager import RowScope, read_scope, stream_scan
@@ -227,8 +228,18 @@ class GoldStream:
     automation_condition=hourly_automation(complete_at_minute=10),
 )
 def gold_crypto_trades(
-    context: dg.AssetExecutionContext, config: DuckDBConfig, iceberg: IcebergCatalogResource
+    context: dg.AssetExecutionContext,
+    config: DuckDBConfig,
+    iceberg: IcebergCatalogResource,
+    engine: EngineResource,
 ):
+    # --- engine dispatch: K2_ENGINE=spark computes the window on Spark (k2_assets/gold/spark_engine.py)
+    if engine.on_spark:
+        from k2_assets.gold.spark_engine import gold_on_spark
+
+        yield from gold_on_spark(context, config, engine, iceberg)
+        return
+    # --- end engine dispatch
     window = context.partition_time_window
     stream = GoldStream(iceberg, window.start, window.end, config)
     yield dg.Output(stream)

@@ -34,6 +34,7 @@ from k2_assets.gold.dedup import (
 from k2_assets.gold.tables import DEDUP_AUDIT_TABLE_SPEC, GOLD_TABLE_SPEC
 from k2_assets.partitions import HOUR_KEY_FORMAT
 from k2_resources.crashpoints import crash_point
+from k2_resources.engine import EngineResource
 from k2_resources.iceberg import IcebergCatalogResource
 from k2_resources.io_manager import RowScope, read_scope, replace_rows, stream_scan
 
@@ -157,8 +158,14 @@ def pending_hours(
 
 @dg.op(out=dg.Out(list), description="Stage 1: find duplicates in the lookback window and audit them.")
 def find_gold_duplicates(
-    context: dg.OpExecutionContext, config: GoldDedupConfig, iceberg: IcebergCatalogResource
+    context: dg.OpExecutionContext, config: GoldDedupConfig, iceberg: IcebergCatalogResource, engine: EngineResource
 ) -> list:
+    # --- engine dispatch: K2_ENGINE=spark runs stage 1 on Spark (k2_assets/gold/spark_engine.py)
+    if engine.on_spark:
+        from k2_assets.gold.spark_engine import find_duplicates_on_spark
+
+        return find_duplicates_on_spark(context, config, iceberg, engine)
+    # --- end engine dispatch
     now = datetime.now(UTC)
     start, end = lookback_window(config.lookback_hours, now)
     found = detect(iceberg, start, end, config)
@@ -210,8 +217,14 @@ def find_gold_duplicates(
 
 @dg.op(description="Stage 2: rewrite each affected hour without its audited rows, one commit per hour.")
 def remove_gold_duplicates(
-    context: dg.OpExecutionContext, hours: list, iceberg: IcebergCatalogResource
+    context: dg.OpExecutionContext, hours: list, iceberg: IcebergCatalogResource, engine: EngineResource
 ) -> None:
+    # --- engine dispatch: K2_ENGINE=spark runs stage 2 on Spark (k2_assets/gold/spark_engine.py)
+    if engine.on_spark:
+        from k2_assets.gold.spark_engine import remove_duplicates_on_spark
+
+        return remove_duplicates_on_spark(context, hours, iceberg, engine)
+    # --- end engine dispatch
     gold = iceberg.load_table(GOLD_TABLE_SPEC)
     for hour in hours:
         start = datetime.strptime(hour, HOUR_KEY_FORMAT).replace(tzinfo=UTC)

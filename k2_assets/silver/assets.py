@@ -29,6 +29,7 @@ from k2_assets.partitions import HOUR_KEY_FORMAT, hourly_automation, hourly_part
 from k2_assets.silver.checks import conservation_result, dlq_rate_result, silver_check_specs
 from k2_assets.silver.tables import DLQ_TABLE_SPEC, silver_table_spec
 from k2_assets.silver.transform import ValidationRules, WriterSchemas, transform_batches
+from k2_resources.engine import EngineResource
 from k2_resources.exchanges import EXCHANGES, ExchangeConfig
 from k2_resources.iceberg import IcebergCatalogResource, TableSpec
 from k2_resources.io_manager import IcebergStream, RowScope, read_scope, replace_rows, write_metadata
@@ -285,7 +286,17 @@ def build_silver_asset(exchange: ExchangeConfig) -> dg.AssetsDefinition:
         config: SilverConfig,
         schema_registry: SchemaRegistryResource,
         iceberg: IcebergCatalogResource,
+        engine: EngineResource,
     ):
+        # --- engine dispatch: K2_ENGINE=spark runs this pass as Spark jobs (k2_assets/silver/spark_engine.py)
+        if engine.on_spark:
+            from k2_assets.silver.spark_engine import silver_on_spark
+
+            yield from silver_on_spark(
+                context, engine, exchange, config.rules(), schema_registry.client(), iceberg
+            )
+            return
+        # --- end engine dispatch
         window = context.partition_time_window
         bronze = read_scope(
             iceberg.ensure_table(bronze_spec), bronze_spec, RowScope(window.start, window.end)

@@ -1,0 +1,196 @@
+"""Which engine computes Silver and Gold: K2_ENGINE=embedded (default) or spark, one choice per deployment.
+
+`embedded` runs each pass in the Dagster step's own process (PyArrow, fastavro, DuckDB) and writes
+through PyIceberg. `spark` runs the same passes as Spark jobs on `IcebergSparkResource` (local[*] by
+default, a cluster by K2_SPARK_MASTER, Spark Connect by K2_SPARK_REMOTE) and reads and writes the same
+Iceberg tables through Iceberg's Spark runtime on the same catalog. Both engines write a Dagster
+partition as one atomic overwrite of the rows in its scope, with the run id and partition key in the
+snapshot summary, so a table never tells which engine wrote it except by the `k2.engine` summary key
+and the `engine` materialisation metadata.
+
+The Spark-side table helpers live here too, so the Silver and Gold engines write alike:
+`spark_table`, `scope_condition`, `replace_scope`, and `spark_failures`, which turns a failed Spark job
+into a Dagster step failure carrying the driver's error.
+"""
+
+# No `from __future__ import annotations`: Dagster resolves resource field annotations at class creation.
+
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import dagster as dg
+
+from k2_resources.iceberg import IcebergCatalogResource, TableSpec
+from k2_resources.io_manager import IcebergIOManager, RowScope, WriteReport
+from k2_resources.spark import IcebergSparkResource
+
+ENGINE_SETTING = "K2_ENGINE"
+EMBEDDED, SPARK = "embedded", "spark"
+ENGINES = (EMBEDDED, SPARK)
+ENGINE_METADATA = "engine"  # materialisation metadata: which engine computed and wrote the partition
+ENGINE_SUMMARY = "k2.engine"  # the same, in the Iceberg snapshot summary
+MAX_ERROR_LINES = 30  # a Spark failure's driver error, as much as a step failure message can carry
+
+
+def engine_from_environment() -> str:
+    """K2_ENGINE, checked: a misspelt engine must fail the code location, not fall back silently."""
+    value = os.environ.get(ENGINE_SETTING, EMBEDDED).strip().lower() or EMBEDDED
+    if value not in ENGINES:
+        raise ValueError(f"{ENGINE_SETTING} must be one of {', '.join(ENGINES)}, not {value!r}")
+    return value
+
+
+class EngineResource(dg.ConfigurableResource):
+    """The deployment's engine for Silver and Gold, and the Spark session when it is Spark.
+
+    Spark starts only when a Spark-engine step asks for the session (the embedded engine never
+    starts a JVM), and stops when the step ends.
+    """
+
+    engine: str = EMBEDDED
+    spark: dg.ResourceDependency[IcebergSparkResource]
+
+    @classmethod
+    def from_environment(cls, iceberg: IcebergCatalogResource) -> "EngineResource":
+        return cls(
+            engine=engine_from_environment(),
+            spark=IcebergSparkResource.from_environment(iceberg, app_name="k2-engine"),
+        )
+
+    @property
+    def on_spark(self) -> bool:
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine ({ENGINE_SETTING}) must be one of {', '.join(ENGINES)}, not {self.engine!r}")
+        return self.engine == SPARK
+
+    @property
+    def session(self) -> Any:
+        return self.spark.spark_session
+
+    @property
+    def catalog_name(self) -> str:
+        return self.spark.catalog_name
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        self.spark.teardown_after_execution(context)
+
+
+# --- Writes the IO manager must not repeat ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CommittedWrite:
+    """An output the engine has already committed to its table; the IO manager records it only."""
+
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+class EngineIOManager(IcebergIOManager):
+    """K2's Iceberg IO manager, told apart by engine: Spark outputs arrive already committed."""
+
+    def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
+        if isinstance(obj, CommittedWrite):
+            context.add_output_metadata(dict(obj.metadata))
+            return
+        super().handle_output(context, obj)
+        context.add_output_metadata({ENGINE_METADATA: EMBEDDED})
+
+
+# --- Spark side ---------------------------------------------------------------------------------------
+
+
+def spark_table(catalog_name: str, spec: TableSpec) -> str:
+    return f"{catalog_name}.{spec.identifier}"
+
+
+def read_snapshot(spark: Any, catalog_name: str, spec: TableSpec, snapshot_id: int | None) -> Any:
+    """The table as of `snapshot_id` (the one the driver pinned), or None when the table is empty."""
+    if snapshot_id is None:
+        return None
+    return spark.read.option("versionAsOf", str(snapshot_id)).table(spark_table(catalog_name, spec))
+
+
+def scope_condition(spec: TableSpec, scope: RowScope) -> Any:
+    """`scope` as a Spark column predicate: exactly the rows RowScope.expression selects in PyIceberg."""
+    from pyspark.sql import functions as F
+
+    condition = F.lit(True)
+    if scope.start is not None and scope.end is not None:
+        column = F.col(spec.time_column)
+        field_type = spec.schema.find_field(spec.time_column).field_type
+        lo, hi = _spark_literal(field_type, scope.start), _spark_literal(field_type, scope.end)
+        condition = condition & (column >= lo) & (column < hi)
+    if scope.slice_value is not None:
+        condition = condition & (F.col(spec.slice_column) == F.lit(scope.slice_value))
+    return condition
+
+
+def _spark_literal(field_type: Any, moment: datetime) -> Any:
+    from pyiceberg.types import LongType
+    from pyspark.sql import functions as F
+
+    if isinstance(field_type, LongType):
+        return F.lit(int(moment.timestamp() * 1_000_000))
+    return F.lit(moment)
+
+
+def replace_scope(
+    frame: Any,
+    catalog_name: str,
+    spec: TableSpec,
+    scope: RowScope,
+    properties: Mapping[str, str],
+    iceberg: IcebergCatalogResource,
+) -> WriteReport:
+    """Replace exactly the rows of `scope` with `frame`, in one Iceberg commit made by Spark.
+
+    `DataFrameWriterV2.overwrite(condition)` is Iceberg's overwrite-by-filter: one snapshot that
+    deletes the scope's data files and adds the new ones, the same single commit the embedded engine
+    makes. Its summary carries `properties` and `k2.engine=spark`.
+    """
+    writer = frame.writeTo(spark_table(catalog_name, spec)).option("check-nullability", "false")
+    for key, value in {**properties, ENGINE_SUMMARY: SPARK}.items():
+        writer = writer.option(f"snapshot-property.{key}", value)
+    writer.overwrite(scope_condition(spec, scope))
+    return committed_report(iceberg, spec, properties)
+
+
+def committed_report(iceberg: IcebergCatalogResource, spec: TableSpec, properties: Mapping[str, str]) -> WriteReport:
+    """Rows and files of the newest snapshot carrying `properties` (the commit Spark just made)."""
+    table = iceberg.load_table(spec)
+    for snapshot in sorted(table.snapshots(), key=lambda s: s.timestamp_ms, reverse=True):
+        summary = snapshot.summary.additional_properties if snapshot.summary else {}
+        if all(summary.get(k) == v for k, v in properties.items()):
+            return WriteReport(
+                rows=int(summary.get("added-records", 0)),
+                data_files=int(summary.get("added-data-files", 0)),
+                snapshot_id=snapshot.snapshot_id,
+            )
+    raise RuntimeError(f"Spark reported a write to {spec.identifier} but no snapshot carries {dict(properties)}")
+
+
+def spark_error_text(err: BaseException) -> str:
+    """The driver's error of a failed Spark job, without the JVM stack's repetition."""
+    text = str(err).strip() or type(err).__name__
+    lines = [line for line in text.splitlines() if line.strip()]
+    return "\n".join(lines[:MAX_ERROR_LINES])
+
+
+@contextmanager
+def spark_failures(what: str) -> Iterator[None]:
+    """A failed Spark job (or a Spark that cannot start) fails the step with the driver's error."""
+    from py4j.protocol import Py4JError
+    from pyspark.errors import PySparkException
+
+    try:
+        yield
+    except (PySparkException, Py4JError) as err:
+        message = spark_error_text(err)
+        raise dg.Failure(
+            description=f"{what} failed on Spark ({type(err).__name__}): {message.splitlines()[0]}",
+            metadata={ENGINE_METADATA: SPARK, "spark_error": dg.MetadataValue.text(message)},
+        ) from err
