@@ -63,9 +63,16 @@ def interpolate(text: str, variables: dict[str, str]) -> str:
     return INTERPOLATION.sub(substitute, text.replace("$$", placeholder)).replace(placeholder, "$")
 
 
+# Empty in .env.example because empty means "not used" (a Spark Connect address instead of a master).
+OPTIONAL_EMPTY = ("K2_SPARK_REMOTE",)
+
+
 def deployment_variables() -> dict[str, str]:
-    """.env.example as an operator fills it: every empty (secret) value replaced by a generated one."""
-    return {k: v or f"generated-{secrets.token_hex(16)}" for k, v in read_dotenv(ENV_EXAMPLE).items()}
+    """.env.example as an operator fills it: every other empty (secret) value replaced by a generated one."""
+    return {
+        k: v or ("" if k in OPTIONAL_EMPTY else f"generated-{secrets.token_hex(16)}")
+        for k, v in read_dotenv(ENV_EXAMPLE).items()
+    }
 
 
 def compose() -> dict[str, Any]:
@@ -111,6 +118,8 @@ with dg.build_resources(resources) as built:
     report["iceberg_effective"] = {**(_ENV_CONFIG.get_catalog_config(iceberg.catalog_name) or {}),
                                    **iceberg.resolved_properties()}
     report["io_manager"] = type(built.iceberg_io_manager).__name__
+    report["engine"] = built.engine.engine
+    report["engine_spark"] = built.engine.spark.full_config()
 report["sensors"] = {s.name: s.default_status.value for s in repository.sensor_defs}
 json.dump(report, sys.stdout)
 """
@@ -147,6 +156,7 @@ def test_code_location_builds_every_resource_from_the_compose_environment(
     report = resolved["report"]
     assert report["resources"] == [
         "alert_webhook",
+        "engine",
         "iceberg",
         "iceberg_io_manager",
         "kafka",
@@ -155,7 +165,7 @@ def test_code_location_builds_every_resource_from_the_compose_environment(
     ]
     assert report["kafka"] == "kafka:9092"
     assert report["schema_registry"] == "http://schema-registry:8081"
-    assert report["io_manager"] == "IcebergIOManager"
+    assert report["io_manager"] == "EngineIOManager"
     # All sensors and schedules start running in production (K2_AUTOMATION=on by default), except the
     # live exchange feeds: going live is starting their sensors.
     feeds = {name: status for name, status in report["sensors"].items() if name.endswith("_feed_sensor")}
@@ -176,6 +186,39 @@ def test_iceberg_catalog_is_the_rest_catalog_on_minio_not_the_sqlite_default(
     assert effective["s3.access-key-id"] == variables["K2_S3_ACCESS_KEY_ID"]
     assert effective["s3.secret-access-key"] == variables["K2_S3_SECRET_ACCESS_KEY"]
     assert "warehouse" not in effective, "the REST catalog decides the warehouse, not the client"
+
+
+def test_the_code_location_drives_the_compose_spark_cluster_on_the_same_catalog(
+    resolved: dict[str, Any], variables: dict[str, str]
+) -> None:
+    """K2_ENGINE and K2_SPARK_MASTER reach the engine resource; its Spark catalog is the REST catalog
+    with MinIO's settings (path-style, as MinIO serves buckets); the worker registers with the master."""
+    report, services = resolved["report"], compose()["services"]
+    assert report["engine"] == variables["K2_ENGINE"] == "embedded"
+    spark = report["engine_spark"]
+    assert spark["spark.master"] == "spark://spark-master:7077" == variables["K2_SPARK_MASTER"]
+    assert spark["spark.sql.catalog.k2.type"] == "rest"
+    assert spark["spark.sql.catalog.k2.uri"] == "http://iceberg-rest:8181"
+    assert spark["spark.sql.catalog.k2.s3.endpoint"] == "http://minio:9000"
+    assert spark["spark.sql.catalog.k2.s3.path-style-access"] == "true"
+    assert spark["spark.sql.catalog.k2.io-impl"] == "org.apache.iceberg.aws.s3.S3FileIO"
+    assert services[CODE_SERVICE]["hostname"] == CODE_SERVICE  # executors connect back to the driver
+    worker = [interpolate(str(a), variables) for a in services["spark-worker"]["command"]]
+    assert worker[:3] == ["spark-class", "org.apache.spark.deploy.worker.Worker", "spark://spark-master:7077"]
+    master = services["spark-master"]["command"]
+    assert master[:2] == ["spark-class", "org.apache.spark.deploy.master.Master"] and "7077" in master
+    for service in ("spark-master", "spark-worker"):
+        assert services[service]["image"] == services[CODE_SERVICE]["image"], "executors run K2's Python"
+    assert "openjdk-17-jre-headless" in DOCKERFILE.read_text()
+
+
+def test_an_existing_cluster_or_spark_connect_by_configuration_alone(variables: dict[str, str]) -> None:
+    """docker/.env alone moves K2 to another cluster or to Spark Connect (an empty master is none)."""
+    elsewhere = {**variables, "K2_SPARK_MASTER": "", "K2_SPARK_REMOTE": "sc://spark-connect.internal:15002"}
+    env = container_environment(CODE_SERVICE, elsewhere)
+    assert env["K2_SPARK_MASTER"] == "" and env["K2_SPARK_REMOTE"] == "sc://spark-connect.internal:15002"
+    other = container_environment(CODE_SERVICE, {**variables, "K2_SPARK_MASTER": "spark://other:7077"})
+    assert other["K2_SPARK_MASTER"] == "spark://other:7077"
 
 
 def test_every_exchange_topic_is_created_by_kafka_init() -> None:
