@@ -240,7 +240,8 @@ def run_corpus(
     process whose environment is this one's plus `env` (e.g. {"K2_ENGINE": "spark"})."""
     with tempfile.TemporaryDirectory(prefix="k2-differential-") as scratch:
         out = Path(scratch) / "out"
-        child_env = {**os.environ, **(env or {}), "PYTHONPATH": str(tree)}
+        child_env = {**os.environ, **(env or {})}
+        child_env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(tree), child_env.get("PYTHONPATH"))))
         command = [
             sys.executable,
             "-m",
@@ -272,6 +273,9 @@ def materialise(corpus: Corpus, home: Path) -> dict[str, pa.Table]:
         with SchemaRegistryClient({"url": server.url}) as registry:
             register_schemas(registry, corpus.schemas)
         os.environ["K2_HOME"] = str(home)
+        # Read when k2_assets.partitions is imported: the corpus's hours must be partitions whatever the
+        # default start becomes.
+        os.environ["K2_PARTITIONS_START"] = _hour_span(corpus.bronze["kafka_timestamp"])[0].date().isoformat()
         os.environ["K2_SCHEMA_REGISTRY_URL"] = server.url
         os.environ["K2_KAFKA_BOOTSTRAP_SERVERS"] = "127.0.0.1:9"  # nothing here reads Kafka
         write_bronze(corpus)
@@ -330,8 +334,26 @@ def normalise(name: str, rows: pa.Table) -> pa.Table:
 
     keep = [c for c in rows.column_names if c not in (*WRITE_TIME_COLUMNS, *RUN_STAMPED_COLUMNS)]
     rows = rows.select(keep).sort_by([(k, "ascending") for k in SORT_KEYS[name]])
-    schema = pa.schema([pa.field(f.name, f.type, f.nullable) for f in rows.schema])
-    return pa.Table.from_arrays([rows[c].combine_chunks() for c in keep], schema=schema)
+    return plain(rows)
+
+
+def plain(rows: pa.Table) -> pa.Table:
+    """`rows` with one Arrow type per Iceberg type: which of string / large_string (binary, list) a
+    reader returns depends on the writer of the data files, not on the table (a DuckDB-written file
+    reads back as string where a PyArrow-written one gives large_string)."""
+    schema = pa.schema([pa.field(f.name, _plain_type(f.type), f.nullable) for f in rows.schema])
+    return pa.Table.from_arrays([rows[f.name].combine_chunks().cast(f.type) for f in schema], schema=schema)
+
+
+def _plain_type(kind: pa.DataType) -> pa.DataType:
+    if pa.types.is_large_string(kind):
+        return pa.string()
+    if pa.types.is_large_binary(kind):
+        return pa.binary()
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        item = kind.value_field
+        return pa.list_(pa.field("element", _plain_type(item.type), item.nullable))
+    return kind
 
 
 def write_outputs(tables: Mapping[str, pa.Table], directory: Path) -> None:
@@ -355,16 +377,18 @@ def differences(
 
 
 def table_difference(name: str, expected: pa.Table, actual: pa.Table, shown: int = 5) -> str | None:
+    expected, actual = plain(expected), plain(actual)
     if not expected.schema.equals(actual.schema):
         return f"{name}: schema differs\n  expected {_fields(expected)}\n  actual   {_fields(actual)}"
     keys = SORT_KEYS[name]
     want, got = _keyed(expected, keys), _keyed(actual, keys)
     if want.keys() != got.keys() or expected.num_rows != actual.num_rows:
-        missing = [k for k in want if k not in got][:shown]
-        extra = [k for k in got if k not in want][:shown]
+        missing = [k for k in want if k not in got]
+        extra = [k for k in got if k not in want]
         return (
             f"{name}: {actual.num_rows} rows, expected {expected.num_rows}; by key {keys}:\n"
-            f"  first missing: {missing}\n  first unexpected: {extra}"
+            f"  missing {len(missing)}, first: {missing[:shown]}\n"
+            f"  unexpected {len(extra)}, first: {extra[:shown]}"
         )
     lines, per_column = [], Counter()
     for index, (want, got) in enumerate(zip(expected.to_pylist(), actual.to_pylist(), strict=True)):
@@ -516,10 +540,10 @@ def _head_commit() -> str:
 
 
 def _materialise_command(corpus_dir: Path, out: Path) -> None:
-    import k2_assets
-
     with tempfile.TemporaryDirectory(prefix="k2-differential-home-") as home:
         outputs = materialise(Corpus.read(corpus_dir), Path(home))
+    import k2_assets
+
     write_outputs(outputs, out)
     (out / ORIGIN_FILE).write_text(json.dumps({"k2_assets": k2_assets.__file__}))
 
