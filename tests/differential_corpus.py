@@ -101,20 +101,14 @@ class Corpus:
         schemas = json.loads((directory / SCHEMAS_FILE).read_text())
         return cls(pq.read_table(directory / BRONZE_FILE), schemas)
 
-    def kinds(self) -> Counter[str]:
-        return Counter(self.bronze["kind"].to_pylist())
-
     def ingestion_hours(self) -> tuple[datetime, datetime]:
         return _hour_span(self.bronze["ingestion_timestamp"])
 
 
 def _hour_span(column: pa.ChunkedArray) -> tuple[datetime, datetime]:
-    low, high = pc.min(column).as_py(), pc.max(column).as_py()
-    return _floor_hour(low), _floor_hour(high)
+    from tests.lakehouse_helpers import hour_of
 
-
-def _floor_hour(moment: datetime) -> datetime:
-    return moment.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    return hour_of(pc.min(column).as_py()), hour_of(pc.max(column).as_py())
 
 
 # -- building the corpus from the simulator ----------------------------------------------------
@@ -169,6 +163,7 @@ def ingested_at_us(market_us: int) -> int:
 def bronze_rows(exchange: Any, records: Sequence[Any]) -> pa.Table:
     """Bronze rows as ingestion writes them, offsets per Kafka partition in production order."""
     from k2_assets.bronze.tables import bronze_table_spec
+    from k2_resources.feeds import micros_to_datetime
 
     next_offset: Counter[int] = Counter()
     partitions, offsets = [], []
@@ -177,7 +172,7 @@ def bronze_rows(exchange: Any, records: Sequence[Any]) -> pa.Table:
         partitions.append(partition)
         offsets.append(next_offset[partition])
         next_offset[partition] += 1
-    ingested = [_micros_to_datetime(ingested_at_us(r.market_us)) for r in records]
+    ingested = [micros_to_datetime(ingested_at_us(r.market_us)) for r in records]
     n = len(records)
     bronze = pa.table(
         {
@@ -187,7 +182,7 @@ def bronze_rows(exchange: Any, records: Sequence[Any]) -> pa.Table:
             "partition": pa.array(partitions, pa.int32()),
             "offset": pa.array(offsets, pa.int64()),
             "kafka_timestamp": pa.array(
-                [_micros_to_datetime(r.timestamp_ms * 1000) for r in records], pa.timestamp("us", tz="UTC")
+                [micros_to_datetime(r.timestamp_ms * 1000) for r in records], pa.timestamp("us", tz="UTC")
             ),
             "ingestion_timestamp": pa.array(ingested, pa.timestamp("us", tz="UTC")),
             "ingestion_date": pa.array([t.date() for t in ingested], pa.date32()),
@@ -196,10 +191,6 @@ def bronze_rows(exchange: Any, records: Sequence[Any]) -> pa.Table:
     )
     labels = {"exchange": [exchange.name] * n, "kind": [r.kind for r in records]}
     return pa.table({**labels, **{name: bronze[name] for name in bronze.column_names}})
-
-
-def _micros_to_datetime(micros: int) -> datetime:
-    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=micros)
 
 
 def registered_schemas(registry: Any) -> list[dict[str, Any]]:
@@ -430,9 +421,11 @@ def coverage_gaps(corpus: Corpus, outputs: Mapping[str, pa.Table]) -> list[str]:
     dlq = outputs["silver_dlq_trades"]
     categories = set(dlq["error_category"].to_pylist())
     gaps += [f"the DLQ has no {c} row" for c in sorted(set(FAULT_CATEGORIES.values()) - categories)]
+    from tests.lakehouse_helpers import hour_of
+
     late = corpus.bronze.filter(pc.equal(corpus.bronze["kind"], "late_trade"))
     crossing = [
-        _floor_hour(k) < _floor_hour(i)
+        hour_of(k) < hour_of(i)
         for k, i in zip(
             late["kafka_timestamp"].to_pylist(), late["ingestion_timestamp"].to_pylist(), strict=True
         )
