@@ -16,6 +16,7 @@ into a Dagster step failure carrying the driver's error.
 # No `from __future__ import annotations`: Dagster resolves resource field annotations at class creation.
 
 import os
+import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,6 +34,15 @@ EMBEDDED, SPARK = "embedded", "spark"
 ENGINES = (EMBEDDED, SPARK)
 ENGINE_METADATA = "engine"  # materialisation metadata: which engine computed and wrote the partition
 ENGINE_SUMMARY = "k2.engine"  # the same, in the Iceberg snapshot summary
+# Spark settings of the engine's jobs (runtime SQL settings, so Spark Connect honours them too):
+# - Arrow batches of 50K rows into and out of the Python tasks: bounded memory per task (a batch of
+#   Bronze and its Silver and DLQ rows), large enough that per-batch costs vanish;
+# - shuffle partitions for Gold's window functions: AQE coalesces them to what the data needs.
+ENGINE_SPARK_CONFIG = {
+    "spark.sql.execution.arrow.maxRecordsPerBatch": "50000",
+    "spark.sql.shuffle.partitions": "16",
+    "spark.sql.adaptive.enabled": "true",
+}
 MAX_ERROR_LINES = 30  # a Spark failure's driver error, as much as a step failure message can carry
 
 
@@ -56,10 +66,8 @@ class EngineResource(dg.ConfigurableResource):
 
     @classmethod
     def from_environment(cls, iceberg: IcebergCatalogResource) -> "EngineResource":
-        return cls(
-            engine=engine_from_environment(),
-            spark=IcebergSparkResource.from_environment(iceberg, app_name="k2-engine"),
-        )
+        spark = IcebergSparkResource.from_environment(iceberg, "k2-engine", ENGINE_SPARK_CONFIG)
+        return cls(engine=engine_from_environment(), spark=spark)
 
     @property
     def on_spark(self) -> bool:
@@ -107,11 +115,21 @@ def spark_table(catalog_name: str, spec: TableSpec) -> str:
     return f"{catalog_name}.{spec.identifier}"
 
 
-def read_snapshot(spark: Any, catalog_name: str, spec: TableSpec, snapshot_id: int | None) -> Any:
-    """The table as of `snapshot_id` (the one the driver pinned), or None when the table is empty."""
+def read_snapshot(
+    spark: Any, catalog_name: str, spec: TableSpec, snapshot_id: int | None, split_bytes: int | None = None
+) -> Any:
+    """The table as of `snapshot_id` (the one the driver pinned), or None when the table is empty.
+
+    `split_bytes` caps the data one read task gets: Iceberg packs small files into 128 MB splits,
+    which for Bronze (many small files per hour, one per ingestion commit) would put an hour's decoding
+    in one task, on one core.
+    """
     if snapshot_id is None:
         return None
-    return spark.read.option("versionAsOf", str(snapshot_id)).table(spark_table(catalog_name, spec))
+    reader = spark.read.option("versionAsOf", str(snapshot_id))
+    if split_bytes:
+        reader = reader.option("split-size", str(split_bytes))
+    return reader.table(spark_table(catalog_name, spec))
 
 
 def scope_condition(spec: TableSpec, scope: RowScope) -> Any:
@@ -150,9 +168,16 @@ def replace_scope(
 
     `DataFrameWriterV2.overwrite(condition)` is Iceberg's overwrite-by-filter: one snapshot that
     deletes the scope's data files and adds the new ones, the same single commit the embedded engine
-    makes. Its summary carries `properties` and `k2.engine=spark`.
+    makes. Its summary carries `properties` and `k2.engine=spark`. With serializable isolation from
+    the table's snapshot before the write, a concurrent commit of rows in the same scope fails this
+    one (Iceberg's ValidationException, a step failure to retry) instead of being overwritten by data
+    computed without it.
     """
+    before = iceberg.load_table(spec).current_snapshot()
     writer = frame.writeTo(spark_table(catalog_name, spec)).option("check-nullability", "false")
+    if before is not None:
+        writer = writer.option("isolation-level", "serializable")
+        writer = writer.option("validate-from-snapshot-id", str(before.snapshot_id))
     for key, value in {**properties, ENGINE_SUMMARY: SPARK}.items():
         writer = writer.option(f"snapshot-property.{key}", value)
     writer.overwrite(scope_condition(spec, scope))
@@ -173,11 +198,22 @@ def committed_report(iceberg: IcebergCatalogResource, spec: TableSpec, propertie
     raise RuntimeError(f"Spark reported a write to {spec.identifier} but no snapshot carries {dict(properties)}")
 
 
+ROOT_CAUSE = re.compile(r"^(?:Caused by: )?([\w.$]+(?:Error|Exception|Invalid)\b.*)$")
+
+
 def spark_error_text(err: BaseException) -> str:
-    """The driver's error of a failed Spark job, without the JVM stack's repetition."""
+    """The driver's error of a failed Spark job: exception and cause lines, the Python worker's
+    traceback, without the JVM's stack frames."""
     text = str(err).strip() or type(err).__name__
-    lines = [line for line in text.splitlines() if line.strip()]
-    return "\n".join(lines[:MAX_ERROR_LINES])
+    lines = [line.rstrip() for line in text.splitlines() if line.strip()]
+    kept = [line for line in lines if not line.strip().startswith(("at ", "..."))]
+    return "\n".join(kept[:MAX_ERROR_LINES])
+
+
+def root_cause(message: str) -> str:
+    """The most specific line of a Spark error: its last exception or cause line, else its first."""
+    causes = [m.group(1) for line in message.splitlines() if (m := ROOT_CAUSE.match(line.strip()))]
+    return causes[-1] if causes else message.splitlines()[0]
 
 
 @contextmanager
@@ -191,6 +227,6 @@ def spark_failures(what: str) -> Iterator[None]:
     except (PySparkException, Py4JError) as err:
         message = spark_error_text(err)
         raise dg.Failure(
-            description=f"{what} failed on Spark ({type(err).__name__}): {message.splitlines()[0]}",
+            description=f"{what} failed on Spark ({type(err).__name__}): {root_cause(message)}",
             metadata={ENGINE_METADATA: SPARK, "spark_error": dg.MetadataValue.text(message)},
         ) from err

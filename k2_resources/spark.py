@@ -147,13 +147,19 @@ class IcebergSparkResource(LazyPySparkResource):
     spark_config: dict[str, Any] = {}
 
     @classmethod
-    def from_environment(cls, iceberg: IcebergCatalogResource, app_name: str = "k2-maintenance") -> "IcebergSparkResource":
+    def from_environment(
+        cls,
+        iceberg: IcebergCatalogResource,
+        app_name: str = "k2-maintenance",
+        spark_config: dict[str, Any] | None = None,
+    ) -> "IcebergSparkResource":
         """The resource as a deployment configures it: K2_SPARK_MASTER or K2_SPARK_REMOTE, else local."""
         return cls(
             iceberg=iceberg,
             master=os.environ.get(SPARK_MASTER_SETTING) or DEFAULT_MASTER,
             remote=os.environ.get(SPARK_REMOTE_SETTING) or "",
             app_name=app_name,
+            spark_config=spark_config or {},
         )
 
     @property

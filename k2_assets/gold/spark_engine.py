@@ -97,6 +97,12 @@ def current(spark: Any, catalog: str, iceberg: IcebergCatalogResource, spec: Tab
     return read_snapshot(spark, catalog, spec, snapshot.snapshot_id)
 
 
+def columns(spark: Any, catalog: str, iceberg: IcebergCatalogResource, spec: TableSpec) -> list[str]:
+    """The table's column names as Spark sees them, creating the table first if it does not exist."""
+    iceberg.ensure_table(spec)
+    return spark.table(spark_table(catalog, spec)).schema.names
+
+
 def audited_keys(spark: Any, catalog: str, iceberg: IcebergCatalogResource, start: datetime, end: datetime) -> Any:
     """(message_id, event hour) of every Gold row the dedup job removed in the window."""
     audit = in_event_window(current(spark, catalog, iceberg, DEDUP_AUDIT_TABLE_SPEC), start, end)
@@ -144,10 +150,10 @@ def gold_on_spark(
 
     window = context.partition_time_window
     scope = RowScope(window.start, window.end)
-    spark, catalog = engine.session, engine.catalog_name
     silver = SilverTrades(iceberg, window.start, window.end)
     label = partition_label(context)
     with spark_failures(f"Gold {label}"):
+        spark, catalog = engine.session, engine.catalog_name
         removed = audited_keys(spark, catalog, iceberg, window.start, window.end).withColumn("k2_removed", F.lit(1))
         flagged = with_hour(silver_union(spark, catalog, silver)).join(removed, ["message_id", HOUR], "left")
         kept_rows = F.col("k2_removed").isNull()
@@ -158,7 +164,7 @@ def gold_on_spark(
         ).collect()
         first = Window.partitionBy("message_id").orderBy(*LINEAGE_COLUMNS)
         survivors = flagged.where(kept_rows).withColumn("k2_rank", F.row_number().over(first))
-        names = spark.table(spark_table(catalog, GOLD_TABLE_SPEC)).schema.names
+        names = columns(spark, catalog, iceberg, GOLD_TABLE_SPEC)
         gold = gold_columns(survivors.where(F.col("k2_rank") == 1), names, datetime.now(UTC))
         properties = {
             "dagster.run-id": context.run_id,
@@ -223,8 +229,8 @@ def find_duplicates_on_spark(
 
     now = datetime.now(UTC)
     start, end = lookback_window(config.lookback_hours, now)
-    spark, catalog = engine.session, engine.catalog_name
     with spark_failures("gold_dedup_job stage 1"):
+        spark, catalog = engine.session, engine.catalog_name
         found = detect(spark, catalog, iceberg, start, end).persist(StorageLevel.DISK_ONLY)
         try:
             new = found.join(audited_keys(spark, catalog, iceberg, start, end), ["message_id", HOUR], "left_anti")
@@ -246,7 +252,7 @@ def find_duplicates_on_spark(
                 )
                 return []
             if new_rows:
-                names = spark.table(spark_table(catalog, DEDUP_AUDIT_TABLE_SPEC)).schema.names
+                names = columns(spark, catalog, iceberg, DEDUP_AUDIT_TABLE_SPEC)
                 writer = audit_frame(new, names, context.run_id, now).writeTo(spark_table(catalog, DEDUP_AUDIT_TABLE_SPEC))
                 writer.option("snapshot-property.dagster.run-id", context.run_id).option(
                     "snapshot-property.k2.engine", SPARK
@@ -281,16 +287,17 @@ def remove_duplicates_on_spark(
     context: dg.OpExecutionContext, hours: list, iceberg: IcebergCatalogResource, engine: EngineResource
 ) -> None:
     """Stage 2 of gold_dedup_job on Spark: each hour rewritten without its audited rows, one commit each."""
-    spark, catalog = engine.session, engine.catalog_name
+    catalog = engine.catalog_name
     for hour in hours:
         start = datetime.strptime(hour, HOUR_KEY_FORMAT).replace(tzinfo=UTC)
         end = start + timedelta(hours=1)
         scope = RowScope(start, end)
         with spark_failures(f"gold_dedup_job stage 2, hour {hour}"):
+            spark = engine.session
             rows = with_hour(in_event_window(current(spark, catalog, iceberg, GOLD_TABLE_SPEC), start, end))
             before = rows.count()
             kept = rows.join(audited_keys(spark, catalog, iceberg, start, end), ["message_id", HOUR], "left_anti")
-            names = spark.table(spark_table(catalog, GOLD_TABLE_SPEC)).schema.names
+            names = columns(spark, catalog, iceberg, GOLD_TABLE_SPEC)
             properties = {"dagster.run-id": context.run_id, "dagster.partition-key": hour, "k2.dedup": "stage-2"}
             report = replace_scope(kept.select(*names), catalog, GOLD_TABLE_SPEC, scope, properties, iceberg)
         context.log_event(

@@ -63,6 +63,9 @@ from k2_resources.io_manager import RowScope, read_scope, write_metadata
 
 SILVER_PREFIX, DLQ_PREFIX, KIND = "s__", "d__", "k2_kind"  # columns of the routed frame
 MICROS_PER_HOUR = 3_600_000_000
+# Bronze bytes per read task: about 40K records of ~200 bytes, so an hour's decoding spreads over the
+# executors' cores instead of landing in the one task Iceberg's 128 MB splits would make.
+BRONZE_SPLIT_BYTES = 8 * 1024 * 1024
 
 
 # --- Writer schemas for the tasks ---------------------------------------------------------------------
@@ -146,6 +149,15 @@ def with_hour_keys(dlq: pa.RecordBatch) -> pa.RecordBatch:
     return dlq.set_column(dlq.schema.get_field_index("silver_partition"), "silver_partition", keys)
 
 
+def as_read_by_pyiceberg(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """A Bronze batch from Spark with raw_bytes as large_binary, the type PyIceberg reads it as: Spark
+    hands 32-bit-offset binary, on which pyarrow 26's binary_slice fails ("Negative buffer resize")."""
+    index = batch.schema.get_field_index("raw_bytes")
+    if pa.types.is_large_binary(batch.schema.field(index).type):
+        return batch
+    return batch.set_column(index, "raw_bytes", batch.column(index).cast(pa.large_binary()))
+
+
 class RouteTask:
     """The function each Spark task applies to its Bronze batches (pickled to the executors)."""
 
@@ -163,8 +175,9 @@ class RouteTask:
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         schemas = WriterSchemas(self.registry)  # type: ignore[arg-type]  # answers get_schema like a client
+        bronze = (as_read_by_pyiceberg(batch) for batch in batches)
         for silver, dlq in transform_batches(
-            batches, self.exchange, schemas, self.rules, self.partition_key, self.now
+            bronze, self.exchange, schemas, self.rules, self.partition_key, self.now
         ):
             yield routed_batch(silver, with_hour_keys(dlq), self.target)
 
@@ -218,9 +231,9 @@ def silver_on_spark(
     refuse_if_bronze_expired(iceberg, exchange, bronze, window.start, window.end)
     silver_table, dlq_table = iceberg.ensure_table(silver_spec), iceberg.ensure_table(DLQ_TABLE_SPEC)
     label = partition_label(context)
-    spark, catalog = engine.session, engine.catalog_name
     with spark_failures(f"Silver of {exchange.name} {label}"):
-        source = read_snapshot(spark, catalog, bronze_spec, bronze.snapshot_id)
+        spark, catalog = engine.session, engine.catalog_name  # a Spark that cannot start fails here
+        source = read_snapshot(spark, catalog, bronze_spec, bronze.snapshot_id, BRONZE_SPLIT_BYTES)
         if source is None:  # no Bronze yet: an empty frame with Bronze's columns
             source = spark.table(f"{catalog}.{bronze_spec.identifier}")
         source = source.where(scope_condition(bronze_spec, silver_scope))
