@@ -183,8 +183,13 @@ class GoldStream:
     def __iter__(self) -> Iterator[pa.RecordBatch]:
         with connect(self.engine) as con:
             con.register("silver", self.silver.stream())
+            con.register("silver_keys", self.silver.stream(("message_id", "timestamp", *LINEAGE_COLUMNS)))
             con.register("removed", self.removed)
-            query = first_copies_sql(without_removed_sql("silver", "removed"), FIRST_INGESTED)
+            query = first_copies_sql(
+                without_removed_sql("silver", "removed"),
+                without_removed_sql("silver_keys", "removed"),
+                FIRST_INGESTED,
+            )
             for batch in results(con, query):
                 self.gold_rows += batch.num_rows
                 yield to_gold(batch, self.now)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +33,7 @@ class DuckDBConfig(dg.Config):
     """DuckDB's limits for Gold: the memory it may hold before spilling, and the threads it may use."""
 
     duckdb_memory_limit: str = Field(
-        "400MB", description="DuckDB memory_limit: beyond it, dedup and sort spill to $K2_HOME/tmp."
+        "256MB", description="DuckDB memory_limit: beyond it, dedup and sort spill to $K2_HOME/tmp."
     )
     duckdb_threads: int = Field(2, description="DuckDB threads (the machine's cores are shared).")
 
@@ -50,12 +50,13 @@ def connect(config: DuckDBConfig) -> Iterator[duckdb.DuckDBPyConnection]:
     with tempfile.TemporaryDirectory(prefix="duckdb-", dir=scratch_root) as scratch:
         try:
             con = duckdb.connect(
+                str(Path(scratch) / "work.duckdb"),  # a file database: its tables are evicted to disk too
                 config={
                     "memory_limit": config.duckdb_memory_limit,
                     "threads": config.duckdb_threads,
                     "temp_directory": str(Path(scratch) / "spill"),
                     "preserve_insertion_order": False,
-                }
+                },
             )
         except duckdb.Error as err:
             raise ValueError(
@@ -68,17 +69,14 @@ def connect(config: DuckDBConfig) -> Iterator[duckdb.DuckDBPyConnection]:
             con.close()
 
 
-def arrow_stream(batches: Iterable[pa.RecordBatch], schema: pa.Schema) -> pa.RecordBatchReader:
-    """Batches as one Arrow stream DuckDB can scan lazily (it pulls a batch at a time)."""
-    return pa.RecordBatchReader.from_batches(schema, iter(batches))
-
-
 def peeked(batches: Iterator[pa.RecordBatch], schema: pa.Schema) -> pa.RecordBatchReader:
-    """`batches` as a stream whose schema is the first batch's (or `schema` when there is none)."""
+    """`batches` as a stream whose schema is the first batch's (or `schema` when there is none); a
+    batch of another table (another exchange's Silver) is cast to it."""
     first = next(batches, None)
     if first is None:
         return pa.RecordBatchReader.from_batches(schema, iter(()))
-    return pa.RecordBatchReader.from_batches(first.schema, itertools.chain([first], batches))
+    rest = (b if b.schema == first.schema else b.cast(first.schema) for b in batches)
+    return pa.RecordBatchReader.from_batches(first.schema, itertools.chain([first], rest))
 
 
 def quoted(columns: Sequence[str]) -> str:
@@ -87,7 +85,11 @@ def quoted(columns: Sequence[str]) -> str:
 
 @dataclass(frozen=True)
 class DedupPlan:
-    """Keep, for each `key`, the row that sorts first by `order`; emit survivors sorted by `output_order`."""
+    """Keep, for each `key`, the row that sorts first by `order`; emit survivors sorted by `output_order`.
+
+    `order` must identify a row among the copies of its key (Silver's Kafka lineage does): rows tied
+    on it would all be kept, and Gold's no-duplicate check would then fail rather than lose a trade.
+    """
 
     key: Sequence[str]
     order: Sequence[str]
@@ -102,13 +104,22 @@ def without_removed_sql(relation: str, removed: str) -> str:
     )
 
 
-def first_copies_sql(relation: str, plan: DedupPlan) -> str:
-    """The first row of every key of `relation` by `plan.order`, sorted by `plan.output_order`."""
+def first_copies_sql(rows: str, keys: str, plan: DedupPlan) -> str:
+    """The first row of every key of `rows` by `plan.order`, sorted by `plan.output_order`.
+
+    `keys` is the same relation read again with only the key and order columns. Duplicates are rare,
+    so instead of windowing every row, one hash aggregation over `keys` finds the keys that repeat
+    and the first `order` of each; the full rows then stream through a join against that small
+    result. Aggregation, join and sort all spill under DuckDB's memory limit.
+    """
+    key = quoted(plan.key)
+    first = f"min(({quoted(plan.order)}))"
+    mine = "(" + ", ".join(f's."{c}"' for c in plan.order) + ")"
     order_by = f"ORDER BY {quoted(plan.output_order)}" if plan.output_order else ""
     return (
-        f"SELECT * FROM ({relation}) "
-        f"QUALIFY row_number() OVER (PARTITION BY {quoted(plan.key)} ORDER BY {quoted(plan.order)}) = 1 "
-        f"{order_by}"
+        f"SELECT s.* FROM ({rows}) s LEFT JOIN "
+        f"(SELECT {key}, {first} AS first_order FROM ({keys}) GROUP BY ALL HAVING count(*) > 1) r "
+        f"USING ({key}) WHERE r.first_order IS NULL OR {mine} = r.first_order {order_by}"
     )
 
 

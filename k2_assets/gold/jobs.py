@@ -158,7 +158,10 @@ def pending_hours(
 
 @dg.op(out=dg.Out(list), description="Stage 1: find duplicates in the lookback window and audit them.")
 def find_gold_duplicates(
-    context: dg.OpExecutionContext, config: GoldDedupConfig, iceberg: IcebergCatalogResource, engine: EngineResource
+    context: dg.OpExecutionContext,
+    config: GoldDedupConfig,
+    iceberg: IcebergCatalogResource,
+    engine: EngineResource,
 ) -> list:
     # --- engine dispatch: K2_ENGINE=spark runs stage 1 on Spark (k2_assets/gold/spark_engine.py)
     if engine.on_spark:
@@ -229,10 +232,11 @@ def remove_gold_duplicates(
     for hour in hours:
         start = datetime.strptime(hour, HOUR_KEY_FORMAT).replace(tzinfo=UTC)
         end = start + timedelta(hours=1)
-        remove = row_keys(audited(iceberg, start, end))
+        # Within one hour a message_id names one Gold row (row_keys without the constant hour).
+        remove = audited(iceberg, start, end)["message_id"]
         stream = read_scope(gold, GOLD_TABLE_SPEC, RowScope(start, end))
         before = stream.count()
-        kept = (b.filter(pc.invert(pc.is_in(row_keys(b), value_set=remove))) for b in stream.batches())
+        kept = (b.filter(pc.invert(pc.is_in(b["message_id"], value_set=remove))) for b in stream.batches())
         properties = {"dagster.run-id": context.run_id, "dagster.partition-key": hour, "k2.dedup": "stage-2"}
         report = replace_rows(gold, GOLD_TABLE_SPEC, kept, RowScope(start, end), properties)
         context.log_event(
