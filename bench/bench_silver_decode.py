@@ -138,13 +138,13 @@ def transform_decode_step(batches: list[pa.RecordBatch], schemas: WriterSchemas)
     seconds, decoded = 0.0, 0
     for batch in batches:
         bronze = BronzeBatch.of(batch)
-        data, offsets = bronze.data, bronze.offsets
+        data = bronze.data
         started = time.perf_counter()
-        for i in range(len(offsets) - 1):
+        for start, end in zip(bronze.starts, bronze.ends, strict=True):
             try:
-                schema = schemas.get(read_header(data, offsets[i], offsets[i + 1]))
+                schema = schemas.get(read_header(data, start, end))
                 if schema is not None:
-                    decode_body(data, offsets[i], offsets[i + 1], schema)
+                    decode_body(data, start, end, schema)
                     decoded += 1
             except Rejected:
                 continue

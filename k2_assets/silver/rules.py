@@ -73,7 +73,9 @@ MAX_INTEGER_DIGITS = SILVER_PRECISION - SILVER_SCALE
 MAX_UNITS = 10**SILVER_PRECISION  # exclusive bound on |value| * 10**SILVER_SCALE
 SIDES = frozenset({"BUY", "SELL"})
 ASSET_CLASS = "crypto"
-_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_UUID_BODY = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+_UUID = re.compile(_UUID_BODY)  # used with fullmatch
+UUID_PATTERN = f"^{_UUID_BODY}$"  # the same test for Arrow's RE2 (`$` is the end of the text there)
 _MICROS = timedelta(microseconds=1)
 MAX_SHOWN_BITS = 512  # decimals beyond this are described, not printed, in error messages
 MAX_SHOWN_CHARS = 80  # string values are cut to this in error messages

@@ -5,7 +5,13 @@ Every Bronze row comes out exactly once, either as a Silver row or as a DLQ row 
 that before it is yielded. Batches are processed one at a time and nothing outlives its batch except
 the per-schema-id cache of `WriterSchemas`.
 
-Decoding, and why it looks like this (numbers in bench/bench_silver_decode.py):
+Two paths, one outcome: `transform_batch` first hands the batch to `columnar.split_batch`, which
+decodes the well-framed bodies of each schema id many at a time with arrow-avro and keeps the records
+it can prove valid as Arrow columns; every other record goes through `route` below, one at a time,
+which decides its category and message exactly as before the columnar path existed (the per-record
+path is the reference; tests/test_silver_columnar.py compares the two on mixed batches).
+
+Per-record decoding, and why it looks like this (numbers in bench/bench_silver_decode.py):
 - Each writer schema is prepared once per schema id: checked against V2 (record name, fields without
   defaults, the logical types of the annotated fields), then stripped of its logical types. fastavro
   then returns timestamps as int µs and decimals as their unscaled bytes instead of building datetime
@@ -33,7 +39,6 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from json.encoder import encode_basestring
 from typing import Any
 
 import fastavro
@@ -45,10 +50,17 @@ from fastavro import schemaless_reader
 from fastavro.read import SchemaResolutionError
 from fastavro.schema import to_parsing_canonical_form
 
+from k2_assets.silver.columnar import (
+    BlockPlan,
+    FastRun,
+    block_plan,
+    decimal_array,
+    split_batch,
+    vendor_data_json,
+)
 from k2_assets.silver.rules import (
     DECODE_STAGE,
     NULL_CHECKED_FIELDS,
-    SILVER_PRECISION,
     SILVER_SCALE,
     VALIDATE_STAGE,
     DlqCategory,
@@ -103,6 +115,7 @@ class WriterSchema:
     reader: Any | None = None
     price_scale: int = SILVER_SCALE
     quantity_scale: int = SILVER_SCALE
+    block: BlockPlan | None = None  # how its records decode many at a time (columnar), if they can
 
 
 # The Schema Registry's error code for "schema not found" (HTTP 404 carries many other meanings).
@@ -175,6 +188,7 @@ def prepare_writer_schema(
         return WriterSchema(schema_id, schema_type, parsed, message)
     decoder = fastavro.parse_schema(strip_logical_types(raw))
     reader = fastavro.parse_schema(decode_reader(raw, trade_v2_schema()))
+    block = block_plan(strip_logical_types(raw), strip_logical_types(trade_v2_schema()))
     same = to_parsing_canonical_form(decoder) == to_parsing_canonical_form(reader)
     return WriterSchema(
         schema_id,
@@ -184,6 +198,7 @@ def prepare_writer_schema(
         reader=None if same else reader,
         price_scale=scales.get("price", SILVER_SCALE),
         quantity_scale=scales.get("quantity", SILVER_SCALE),
+        block=block,
     )
 
 
@@ -341,20 +356,6 @@ def decode_body(data: bytes, start: int, end: int, schema: WriterSchema) -> dict
     return record
 
 
-def vendor_data_json(vendor_data: dict[str, str] | None) -> str | None:
-    """vendor_data as compact JSON with sorted keys: json.dumps(..., sort_keys=True,
-    separators=(",", ":"), ensure_ascii=False) for a map of strings, at a third of its cost."""
-    if vendor_data is None:
-        return None
-    return (
-        "{"
-        + ",".join(
-            [encode_basestring(k) + ":" + encode_basestring(vendor_data[k]) for k in sorted(vendor_data)]
-        )
-        + "}"
-    )
-
-
 # --- One batch ----------------------------------------------------------------------------------------
 
 
@@ -372,6 +373,11 @@ class Routed:
     dlq_schema_id: list[int | None] = field(default_factory=list)
     dlq_message_id: list[str | None] = field(default_factory=list)
 
+    def renumber(self, rows: np.ndarray) -> None:
+        """Turn indices into the batch this was routed from into indices of `rows`' batch."""
+        self.silver_index = rows[np.asarray(self.silver_index, dtype=np.int64)].tolist()
+        self.dlq_index = rows[np.asarray(self.dlq_index, dtype=np.int64)].tolist()
+
     def reject(
         self, i: int, category: str, message: str, stage: str, schema_id: int | None, message_id: str | None
     ) -> None:
@@ -385,28 +391,39 @@ class Routed:
 
 @dataclass
 class BronzeBatch:
-    """The columns of one Bronze batch that routing reads, as plain Python values."""
+    """The columns of one Bronze batch that routing reads, as plain Python values, for chosen rows.
 
-    data: bytes  # all values back to back, plus one pad byte
-    offsets: list[int]  # value i is data[offsets[i]:offsets[i + 1]]
+    `data` is always the whole batch's values, so a value's bytes are followed by the same byte
+    (the next value's first, or the pad byte) whichever rows were chosen, and decode_body's
+    outcome and message cannot depend on the choice.
+    """
+
+    data: bytes  # all values of the batch back to back, plus one pad byte
+    starts: list[int]  # chosen value j is data[starts[j]:ends[j]]
+    ends: list[int]
     present: list[bool] | None  # None when no value is null
     ingestion_us: list[int | None]
     kafka_us: list[int | None]
 
     @classmethod
-    def of(cls, batch: pa.RecordBatch) -> BronzeBatch:
+    def of(cls, batch: pa.RecordBatch, rows: np.ndarray | None = None) -> BronzeBatch:
+        """The rows `rows` of `batch` (all of them by default)."""
         raw = batch.column("raw_bytes")
         if not pa.types.is_large_binary(raw.type):
             raw = raw.cast(pa.large_binary())
         offsets = np.frombuffer(raw.buffers()[1], dtype=np.int64)[raw.offset : raw.offset + len(raw) + 1]
         values = raw.buffers()[2]
         data = b"" if values is None else values[int(offsets[0]) : int(offsets[-1])].to_pybytes()
+        offsets = offsets - offsets[0]
+        rows = np.arange(len(raw)) if rows is None else np.asarray(rows, dtype=np.int64)
+        chosen = pa.array(rows, type=pa.int64())
         return cls(
             data=data + b"\x00",
-            offsets=(offsets - offsets[0]).tolist(),
-            present=raw.is_valid().to_pylist() if raw.null_count else None,
-            ingestion_us=_micros(batch.column("ingestion_timestamp")),
-            kafka_us=_micros(batch.column("kafka_timestamp")),
+            starts=offsets[rows].tolist(),
+            ends=offsets[rows + 1].tolist(),
+            present=raw.is_valid().take(chosen).to_pylist() if raw.null_count else None,
+            ingestion_us=_micros(batch.column("ingestion_timestamp").take(chosen)),
+            kafka_us=_micros(batch.column("kafka_timestamp").take(chosen)),
         )
 
 
@@ -451,9 +468,9 @@ def silver_values(record: dict[str, Any], schema: WriterSchema, json_memo: dict[
 def route(bronze: BronzeBatch, schemas: WriterSchemas, checker: RecordChecker) -> Routed:
     """Decode and validate every value of a batch, sending each to Silver or to the DLQ (never both)."""
     routed = Routed()
-    data, offsets, present = bronze.data, bronze.offsets, bronze.present
-    for i in range(len(offsets) - 1):
-        start, end, schema_id = offsets[i], offsets[i + 1], None
+    data, present = bronze.data, bronze.present
+    for i, (start, end) in enumerate(zip(bronze.starts, bronze.ends, strict=True)):
+        schema_id = None
         try:
             if present is not None and not present[i]:
                 raise Rejected(DlqCategory.EMPTY_VALUE, "value is null")
@@ -480,17 +497,6 @@ def route(bronze: BronzeBatch, schemas: WriterSchemas, checker: RecordChecker) -
 # --- Arrow output -------------------------------------------------------------------------------------
 
 
-def decimal_array(units: list[int]) -> pa.Array:
-    """decimal128(18,8) straight from exact integer counts of 1e-8 (no float, no Decimal objects)."""
-    low = np.asarray(units, dtype=np.int64)
-    words = np.empty((len(units), 2), dtype=np.int64)
-    words[:, 0] = low
-    words[:, 1] = low >> 63  # sign extension into the high 64 bits (little-endian two's complement)
-    return pa.Array.from_buffers(
-        pa.decimal128(SILVER_PRECISION, SILVER_SCALE), len(units), [None, pa.py_buffer(words)]
-    )
-
-
 def _column(name: str, schema: pa.Schema, values: Any) -> pa.Array:
     return pa.array(values, type=schema.field(name).type)
 
@@ -508,21 +514,38 @@ def _dates(micros: pa.Array) -> pa.Array:
     return micros.cast(pa.int64()).cast(pa.timestamp("us", tz="UTC")).cast(pa.date32())
 
 
-def silver_batch(batch: pa.RecordBatch, routed: Routed, now: datetime) -> pa.RecordBatch:
-    """The Silver rows of one routed batch, in Bronze order, with exactly SILVER_ARROW_SCHEMA."""
+def per_record_columns(routed: Routed) -> dict[str, pa.Array]:
+    """The V2 columns and schema_id of the Silver rows the per-record path produced."""
     schema, n = SILVER_ARROW_SCHEMA, len(routed.silver_rows)
     columns = list(zip(*routed.silver_rows, strict=True)) if n else [()] * (len(V2_FIELDS) + 1)
-    index = pa.array(routed.silver_index, type=pa.int64())
     arrays = {
         f.name: decimal_array(values) if pa.types.is_decimal(f.type) else pa.array(values, type=f.type)
         for f, values in zip(list(schema)[: len(V2_FIELDS)], columns, strict=False)
     }
+    arrays["schema_id"] = _column("schema_id", schema, columns[len(V2_FIELDS)])
+    return arrays
+
+
+def silver_batch(batch: pa.RecordBatch, runs: list[FastRun], routed: Routed, now: datetime) -> pa.RecordBatch:
+    """The Silver rows of one routed batch (columnar runs and per-record rows), in Bronze order, with
+    exactly SILVER_ARROW_SCHEMA."""
+    schema = SILVER_ARROW_SCHEMA
+    pieces = [FastRun(np.asarray(routed.silver_index, dtype=np.int64), per_record_columns(routed)), *runs]
+    pieces = [p for p in pieces if len(p.index)] or pieces[:1]
+    if len(pieces) == 1:
+        arrays, order = dict(pieces[0].columns), pieces[0].index
+    else:
+        index = np.concatenate([p.index for p in pieces])
+        sort = pa.array(np.argsort(index, kind="stable"))
+        names = [*V2_FIELDS, "schema_id"]
+        arrays = {name: pa.concat_arrays([p.columns[name] for p in pieces]).take(sort) for name in names}
+        order = index[sort.to_numpy()]
+    n, index = len(order), pa.array(order, type=pa.int64())
     arrays["exchange_date"] = _dates(arrays["timestamp"])
     arrays["validation_timestamp"] = _constant("validation_timestamp", schema, now, n)
     arrays["bronze_ingestion_timestamp"] = _taken(
         batch, "ingestion_timestamp", "bronze_ingestion_timestamp", schema, index
     )
-    arrays["schema_id"] = _column("schema_id", schema, columns[len(V2_FIELDS)])
     for name in ("topic", "partition", "offset"):
         arrays[name] = _taken(batch, name, name, schema, index)
     return pa.RecordBatch.from_arrays([arrays[f.name] for f in schema], schema=schema)
@@ -608,11 +631,16 @@ def transform_batch(
     now: datetime,
 ) -> tuple[pa.RecordBatch, pa.RecordBatch]:
     """One Bronze batch as (Silver batch, DLQ batch), after checking that no row was lost or doubled."""
-    routed = route(BronzeBatch.of(batch), schemas, checker)
-    silver, dlq = silver_batch(batch, routed, now), dlq_batch(batch, routed, exchange, partition_key, now)
-    if silver.num_rows + dlq.num_rows != batch.num_rows:
+    runs, rest = split_batch(batch, schemas, checker, SILVER_ARROW_SCHEMA)
+    routed = route(BronzeBatch.of(batch, rest), schemas, checker)
+    routed.renumber(rest)
+    silver, dlq = silver_batch(batch, runs, routed, now), dlq_batch(batch, routed, exchange, partition_key, now)
+    placed = np.concatenate([*(run.index for run in runs), routed.silver_index, routed.dlq_index])
+    if silver.num_rows + dlq.num_rows != batch.num_rows or not np.array_equal(
+        np.sort(placed), np.arange(batch.num_rows)
+    ):
         raise RuntimeError(
-            f"Silver lost rows: {batch.num_rows} Bronze rows became "
+            f"Silver lost or doubled rows: {batch.num_rows} Bronze rows became "
             f"{silver.num_rows} Silver + {dlq.num_rows} DLQ"
         )
     return silver, dlq
