@@ -3,12 +3,13 @@
 1. One Gold hour: `--trades` Silver rows (default 10M; 1 % are redeliveries, i.e. exact message_id
    duplicates) whose trade time falls in one closed event hour, split 2:1 between the Binance and Kraken
    Silver tables, ingested within one ingestion hour. `gold_crypto_trades` is then materialised for that
-   hour through Dagster in a child process: read Silver, drop duplicate message_ids with the hash-bucket
-   spill, write Gold, and run both Gold checks.
+   hour through Dagster in a child process: PyIceberg reads Silver, DuckDB drops duplicate message_ids,
+   the IO manager writes Gold, both Gold checks run. The same-run baseline is DuckDB alone, also in a
+   child, with the same memory limit and threads: `read_parquet` over the Silver files PyIceberg plans
+   for the hour, the same dedup SQL (first copy by lineage, sorted by trade time), `COPY` to zstd Parquet.
+   It runs before and after the Gold run; the ratio is against the mean of the two.
 2. gold_dedup_job: `--hours` event hours (default 24, ending with the running hour) of
-   `--trades-per-hour` Gold rows each (default 1M, not 10M: stage 1's spill costs grow faster than the
-   window, 48M rows already took 5 minutes here, and reading without `stream_scan` the job held the whole
-   window in memory; see bench/README.md). 1 % of the rows are duplicates: 4/5 trades replayed under a new
+   `--trades-per-hour` Gold rows each (default 1M). 1 % of the rows are duplicates: 4/5 trades replayed under a new
    message_id in the same hour (same exchange, symbol and trade_id), 1/5 copies of the previous hour's
    trades under the same message_id one hour later. The job runs in a child process: stage 1 audits
    them, stage 2 rewrites every affected hour.
@@ -24,7 +25,9 @@ Peak RSS is the child's own kernel high-water mark (see bench/_common.py).
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -44,10 +47,10 @@ from bench._common import ChildResult, dagster_child_args, k2_child_env, run_chi
 
 MICROS_PER_HOUR = 3_600_000_000
 CHUNK_ROWS = 1_000_000  # rows generated and appended at a time: bounds this process's memory
+SILVER_FILE_ROWS = 250_000  # Silver's data files hold an IO manager chunk (DEFAULT_CHUNK_ROWS) at most
 HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 HOUR_FORMAT = "%Y-%m-%d-%H:00"
 CHILD_TIMEOUT_SECONDS = 4 * 3600
-FULL_HOUR_ROWS = 10_000_000  # the hour size the brief asks about
 
 
 @dataclass(frozen=True)
@@ -201,7 +204,8 @@ def proportional(total: int, weights: list[int]) -> list[int]:
 def land_silver_hour(plan: HourPlan, seed: int = 1) -> None:
     """Append the hour's Silver rows to both exchanges' tables, chunk by chunk (2/3 Binance, 1/3 Kraken).
 
-    Each chunk is one append (one Silver commit, as one Silver run would make), its redeliveries in it.
+    Each chunk of SILVER_FILE_ROWS is one append (one data file, as Silver's IO manager writes them),
+    its redeliveries in it.
     """
     from k2_assets.silver.tables import silver_table_spec
     from k2_resources.exchanges import exchange
@@ -214,7 +218,7 @@ def land_silver_hour(plan: HourPlan, seed: int = 1) -> None:
         VENUES, distinct, proportional(plan.duplicates, distinct), strict=True
     ):
         table = catalog.ensure_table(silver_table_spec(exchange(venue.name)))
-        chunks = list(chunk_sizes(rows_total))
+        chunks = list(chunk_sizes(rows_total, SILVER_FILE_ROWS))
         for (first, n), dups in zip(chunks, proportional(dups_total, [n for _, n in chunks]), strict=True):
             rows = silver_rows(venue, rng, np.arange(first, first + n), plan.hour, ingested)
             table.append(pa.concat_tables([rows, redelivered(rows, rng, dups, 10**12 + first)]))
@@ -247,6 +251,71 @@ def verify_hour(plan: HourPlan, result: ChildResult) -> dict:
     return output
 
 
+def silver_hour_files(hour: datetime) -> list[str]:
+    """Local paths of the Silver data files PyIceberg plans for the event hour (both exchanges)."""
+    from k2_assets.gold.assets import SilverTrades
+    from k2_resources.iceberg import IcebergCatalogResource
+
+    silver = SilverTrades(IcebergCatalogResource(), hour, hour + timedelta(hours=1))
+    scans = silver._scans(("message_id",))
+    return [task.file.file_path.removeprefix("file://") for scan in scans for task in scan.plan_files()]
+
+
+def duckdb_alone(spec: dict) -> None:
+    """Child side of the baseline: read the files, dedup, write zstd Parquet; print the query's seconds."""
+    import duckdb
+
+    from k2_assets.gold.assets import FIRST_INGESTED, LINEAGE_COLUMNS, V2_COLUMNS
+    from k2_assets.gold.dedup import DuckDBConfig, first_copies_sql, quoted
+
+    engine = DuckDBConfig()
+    started = time.perf_counter()
+    con = duckdb.connect(
+        config={
+            "memory_limit": engine.duckdb_memory_limit,
+            "threads": engine.duckdb_threads,
+            "temp_directory": spec["out"] + "/spill",
+            "preserve_insertion_order": False,
+        }
+    )
+    def silver(columns: tuple[str, ...]) -> str:
+        return (
+            f"SELECT {quoted(columns)} FROM read_parquet({spec['files']!r}) "
+            f"WHERE timestamp >= {spec['lo']} AND timestamp < {spec['hi']}"
+        )
+
+    keys = ("message_id", "timestamp", *LINEAGE_COLUMNS)
+    query = first_copies_sql(silver(V2_COLUMNS + LINEAGE_COLUMNS), silver(keys), FIRST_INGESTED)
+    con.execute(f"COPY ({query}) TO '{spec['out']}/gold.parquet' (FORMAT parquet, COMPRESSION zstd)")
+    written = con.execute(f"SELECT count(*) FROM '{spec['out']}/gold.parquet'").fetchone()[0]
+    print(json.dumps({"query_seconds": time.perf_counter() - started, "rows": written}))
+
+
+def run_duckdb_alone(home: Path, plan: HourPlan, files: list[str]) -> tuple[ChildResult, float]:
+    """The baseline in a child; its result and the query's own seconds, once it wrote the distinct rows."""
+    lo = int(plan.hour.timestamp() * 1_000_000)
+    with tempfile.TemporaryDirectory(prefix="duckdb-alone-", dir=home) as out:
+        spec = {"files": files, "lo": lo, "hi": lo + MICROS_PER_HOUR, "out": out}
+        args = [sys.executable, __file__, "--duckdb-alone", json.dumps(spec)]
+        result = run_child(args, k2_child_env(home), CHILD_TIMEOUT_SECONDS)
+    if result.returncode != 0:
+        raise RuntimeError(f"DuckDB baseline failed:\n{result.stderr[-4000:]}")
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    if answer["rows"] != plan.distinct:
+        raise RuntimeError(f"DuckDB baseline wrote {answer['rows']:,} rows, not {plan.distinct:,}")
+    return result, answer["query_seconds"]
+
+
+def seconds(took: str) -> float:
+    """Dagster's step duration text ("47.62s", "1m54s", "1h2m") in seconds."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    return sum(float(n) * units[u] for n, u in re.findall(r"([\d.]+)(ms|h|m|s)", took))
+
+
+def gold_step_seconds(result: ChildResult) -> float:
+    return sum(seconds(t) for step, t in result.step_seconds().items() if "freshness" not in step)
+
+
 def bench_gold_hour(home: Path, trades: int, dup_rate: float) -> None:
     hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=3)
     plan = HourPlan(trades, round(trades * dup_rate), hour)
@@ -256,15 +325,27 @@ def bench_gold_hour(home: Path, trades: int, dup_rate: float) -> None:
         f"\n[1] one Gold hour {hour.strftime(HOUR_FORMAT)}: landed {plan.trades:,} Silver rows "
         f"({plan.duplicates:,} redeliveries) in {time.perf_counter() - started:.0f} s"
     )
+    files = silver_hour_files(hour)
+    before, before_query = run_duckdb_alone(home, plan, files)
     args = dagster_child_args(select=["gold_crypto_trades"], partition=hour.strftime(HOUR_FORMAT))
     result = run_child(args, k2_child_env(home), CHILD_TIMEOUT_SECONDS)
     verify_hour(plan, result)
+    after, after_query = run_duckdb_alone(home, plan, files)
+    step = gold_step_seconds(result)
+    baseline_query = (before_query + after_query) / 2
+    baseline_wall = (before.wall_seconds + after.wall_seconds) / 2
     print(
         f"    materialise gold_crypto_trades (dedup + write + both checks), verified: rows in {plan.trades:,}, "
         f"rows out {plan.distinct:,}, duplicates removed {plan.duplicates:,}\n"
-        f"    wall {result.wall_seconds:.1f} s, {plan.trades / result.wall_seconds:,.0f} rows/s, "
+        f"    wall {result.wall_seconds:.1f} s, step {step:.1f} s, {plan.trades / step:,.0f} rows/s, "
         f"CPU {result.cpu_seconds:.0f} s, peak RSS {result.peak_rss_mb:,.0f} MB\n"
-        f"    {steps(result)}"
+        f"    {steps(result)}\n"
+        f"    baseline DuckDB alone (read_parquet + same dedup SQL + COPY zstd), before / after: "
+        f"query {before_query:.1f} / {after_query:.1f} s, wall {before.wall_seconds:.1f} / "
+        f"{after.wall_seconds:.1f} s, CPU {before.cpu_seconds:.0f} / {after.cpu_seconds:.0f} s, "
+        f"peak RSS {before.peak_rss_mb:,.0f} / {after.peak_rss_mb:,.0f} MB\n"
+        f"    ratio Gold step / DuckDB query {step / baseline_query:.2f}x, "
+        f"Gold wall / DuckDB wall {result.wall_seconds / baseline_wall:.2f}x"
     )
 
 
@@ -403,8 +484,6 @@ def bench_dedup_job(home: Path, hours: int, per_hour: int, dup_rate: float) -> N
         f"peak RSS {result.peak_rss_mb:,.0f} MB\n"
         f"    {steps(result)}"
     )
-    if per_hour < FULL_HOUR_ROWS:
-        print(f"    ({hours} x {FULL_HOUR_ROWS:,} rows is not measured here; bench/README.md says why)")
 
 
 @contextmanager
@@ -427,7 +506,11 @@ def main() -> None:
     )
     parser.add_argument("--dup-rate", type=float, default=0.01, help="share of rows that are duplicates")
     parser.add_argument("--only", choices=("hour", "dedup"), help="run one of the two measurements")
+    parser.add_argument("--duckdb-alone", help=argparse.SUPPRESS)  # the baseline's child side
     args = parser.parse_args()
+    if args.duckdb_alone:
+        duckdb_alone(json.loads(args.duckdb_alone))
+        return
     print(f"bench_gold on {os.cpu_count()} cores, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC")
     if args.only in (None, "hour"):
         with fresh_home() as home:
