@@ -182,3 +182,29 @@ def test_a_failed_blocking_check_on_silver_holds_gold_back_until_silver_is_sound
         finish(instance, start_run(instance, SILVER_BINANCE, "2026-11-23-10:00"))  # re-run after the fix
         result = tick(instance, at(11, 21), result.cursor)
         assert requested(result, GOLD) == {"2026-11-23-10:00"}
+
+
+def freshness_tick(instance: dg.DagsterInstance, cursor: str | None) -> dg.SensorResult:
+    sensor = defs.resolve_sensor_def("freshness_checks_sensor")
+    return sensor(dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs))
+
+
+def test_freshness_checks_are_reported_without_a_run_when_new_changed_or_due() -> None:
+    """The freshness sensor evaluates Dagster's own check functions in its evaluation (no run request)
+    and reports a check the first time, when its outcome changes, and not while a pass is still fresh."""
+    bronze = dg.AssetKey("bronze_binance_trades")
+    checks = defs.resolve_asset_graph().asset_check_keys
+    with dg.DagsterInstance.ephemeral() as instance:
+        first = freshness_tick(instance, None)
+        assert not first.run_requests
+        reported = {(e.asset_key, e.check_name): e.passed for e in first.asset_events}
+        assert set(reported) <= checks and len(reported) == 5  # 2 Bronze, 2 Silver, 1 Gold
+        assert reported[(bronze, "freshness_check")] is False  # never materialised
+
+        again = freshness_tick(instance, first.cursor)
+        assert again.asset_events == []  # nothing changed, nothing is written
+
+        instance.report_runless_asset_event(dg.AssetMaterialization(bronze))
+        updated = freshness_tick(instance, again.cursor)
+        assert [(e.asset_key, e.passed) for e in updated.asset_events] == [(bronze, True)]
+        assert freshness_tick(instance, updated.cursor).asset_events == []  # still fresh
