@@ -13,6 +13,7 @@ both and the peak RSS of the process.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import importlib.util
 import os
 import resource
@@ -35,9 +36,16 @@ def decode_bench_module():
     return module
 
 
+def cpu_seconds() -> float:
+    """User + system CPU of this process (every thread: Arrow and arrow-avro work off the main one)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=1_000_000)
+    parser.add_argument("--profile", help="write a cProfile of the materialisation to this file")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     with tempfile.TemporaryDirectory(prefix="k2-bench-silver-") as tmp:
@@ -47,12 +55,12 @@ def main() -> None:
         info = start_devstack(Path(tmp))
         os.environ.update(info.env())
         try:
-            run(args.records, info.schema_ids)
+            run(args.records, info.schema_ids, args.profile)
         finally:
             stop_devstack(Path(tmp))
 
 
-def run(records: int, schema_ids: dict) -> None:
+def run(records: int, schema_ids: dict, profile: str | None = None) -> None:
     import dagster as dg
     import pyarrow as pa
 
@@ -73,12 +81,18 @@ def run(records: int, schema_ids: dict) -> None:
 
     job = defs.resolve_implicit_global_asset_job_def()
     selection = [dg.AssetKey("silver_binance_trades"), dg.AssetKey(["silver_dlq_trades", "binance"])]
-    started = time.perf_counter()
+    profiler = cProfile.Profile() if profile else None
+    started, cpu_started = time.perf_counter(), cpu_seconds()
     with dg.DagsterInstance.ephemeral() as instance:
+        if profiler:
+            profiler.enable()
         result = job.execute_in_process(
             instance=instance, asset_selection=selection, partition_key=now.strftime(HOUR_KEY_FORMAT)
         )
-    pipeline_seconds = time.perf_counter() - started
+        if profiler:
+            profiler.disable()
+            profiler.dump_stats(profile)
+    pipeline_seconds, pipeline_cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
     checks = {
         e.event_specific_data.check_name: e.event_specific_data
         for e in result.all_events
@@ -88,7 +102,9 @@ def run(records: int, schema_ids: dict) -> None:
     meta = {k: v.value for k, v in conservation.metadata.items()}
     assert result.success and conservation.passed and meta["bronze_rows"] == records, meta
 
+    cpu_started = cpu_seconds()
     baseline_seconds, decoded = bench.plain_fastavro(batches)
+    baseline_cpu = cpu_seconds() - cpu_started
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(
         f"Bronze -> Silver via Dagster: {records / pipeline_seconds:,.0f} records/s ({pipeline_seconds:.1f} s; "
@@ -97,6 +113,12 @@ def run(records: int, schema_ids: dict) -> None:
     print(
         f"plain fastavro, one at a time, decode only: {records / baseline_seconds:,.0f} records/s "
         f"({baseline_seconds:.1f} s, {decoded:,} decoded)"
+    )
+    print(
+        f"CPU time (getrusage of this process, all threads, user+sys): pipeline {pipeline_cpu:.1f} s = "
+        f"{records / pipeline_cpu:,.0f} records per CPU-second; fastavro {baseline_cpu:.1f} s = "
+        f"{records / baseline_cpu:,.0f} per CPU-second; ratio {baseline_cpu and (records / pipeline_cpu) / (records / baseline_cpu):.2f}x "
+        f"(wall ratio {baseline_seconds / pipeline_seconds:.2f}x)"
     )
     print(
         f"peak RSS of this process: {peak_mb:,.0f} MB (includes the {records:,} input rows held for the baseline)"

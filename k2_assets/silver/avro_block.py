@@ -54,12 +54,23 @@ def zigzag_varint(value: int) -> bytes:
     return bytes(out)
 
 
-class BlockSchema:
-    """A writer schema (logical types already stripped) as the block decoder and the body walk need it."""
+HEADER_FIELD = "k2_confluent_header"
 
-    def __init__(self, writer: dict[str, Any]) -> None:
-        self.writer = writer
-        self.json = json.dumps(writer)
+
+class BlockSchema:
+    """A writer schema (logical types already stripped) as the block decoder and the body walk need it.
+
+    The block holds whole Kafka values, Confluent header included: the schema read from it is the
+    writer's record with the 5 header bytes as a leading `fixed` field, so the values go into the
+    block as Bronze holds them (no copy to cut the headers off) and the projection drops the field.
+    """
+
+    def __init__(self, writer: dict[str, Any], header_bytes: int = 5) -> None:
+        if any(f["name"] == HEADER_FIELD for f in writer["fields"]):
+            raise ValueError(f"the writer schema has a field named {HEADER_FIELD}")
+        header = {"name": HEADER_FIELD, "type": {"type": "fixed", "name": "K2ConfluentHeader", "size": header_bytes}}
+        self.writer = {**writer, "fields": [header, *writer["fields"]]}
+        self.json = json.dumps(self.writer)
         self.header = _container_header(self.json)
         self.names: dict[str, Any] = {}
         _collect_names(writer, None, self.names)
@@ -132,7 +143,9 @@ class BodyWalk:
             pos = np.minimum(pos, end)
         return pos
 
-    def varint(self, rows: np.ndarray | None, pos: np.ndarray, end: np.ndarray, max_bytes: int = 10):
+    def varint(
+        self, rows: np.ndarray | None, pos: np.ndarray, end: np.ndarray, max_bytes: int = 10, value: bool = True
+    ):
         """(zigzag-decoded value, position after it) of the varint at `pos` of each body.
 
         Mostly one byte (lengths, indices, counts); otherwise the next 8 bytes are loaded as one
@@ -148,16 +161,17 @@ class BodyWalk:
         lowest = stops & (~stops + np.uint64(1))
         size = (np.frexp(lowest.astype(np.float64))[1].astype(np.int64) + 7) // 8
         raw = np.zeros(len(pos), dtype=np.uint64)
-        kept = word & WORD_MASKS[np.minimum(size, 8)]
-        for k in range(8):
-            raw |= ((kept >> np.uint64(8 * k)) & np.uint64(0x7F)) << np.uint64(7 * k)
+        if value:  # lengths, counts and indices; a long field only needs its size
+            kept = word & WORD_MASKS[np.minimum(size, 8)]
+            for k in range(8):
+                raw |= ((kept >> np.uint64(8 * k)) & np.uint64(0x7F)) << np.uint64(7 * k)
         long_ones = np.flatnonzero(stops == 0)  # 9 or 10 bytes: values of 2**56 and more
         if long_ones.size:
             raw[long_ones], size[long_ones], too_long = self.long_varints(pos[long_ones], raw[long_ones])
             self.reject(rows, _at(len(pos), long_ones[too_long]))
         self.reject(rows, size > max_bytes)
-        value = (raw >> np.uint64(1)).astype(np.int64) ^ -(raw & np.uint64(1)).astype(np.int64)
-        return value, self.bounded(rows, pos + size, end)
+        decoded = (raw >> np.uint64(1)).astype(np.int64) ^ -(raw & np.uint64(1)).astype(np.int64)
+        return decoded, self.bounded(rows, pos + size, end)
 
     def long_varints(self, pos: np.ndarray, raw: np.ndarray):
         """Bytes 9 and 10 of the varints that run past 8 bytes: (value, size, broken)."""
@@ -214,7 +228,7 @@ class BodyWalk:
         if name in ("string", "bytes"):
             return self.length_prefixed(rows, pos, end)
         if name == "long":
-            return self.varint(rows, pos, end)[1]
+            return self.varint(rows, pos, end, value=False)[1]
         if name == "int":
             value, pos = self.varint(rows, pos, end, max_bytes=5)
             self.reject(rows, (value < INT32_MIN) | (value > INT32_MAX))
@@ -281,7 +295,8 @@ def _at(n: int, where: np.ndarray) -> np.ndarray:
 
 
 def body_fits(data: np.ndarray, start: np.ndarray, end: np.ndarray, schema: BlockSchema) -> np.ndarray:
-    """For each body data[start:end], whether it is exactly one well-formed value of the writer schema.
+    """For each value data[start:end], whether it is a header and exactly one well-formed record of
+    the writer schema.
 
     `data` must hold PAD_BYTES readable bytes after the last end (see `padded`).
     """

@@ -30,7 +30,6 @@ from k2_assets.silver.avro_block import (
     body_fits,
     decode_bodies,
     padded,
-    strip_headers,
     value_offsets,
 )
 from k2_assets.silver.rules import MAX_UNITS, SILVER_PRECISION, SILVER_SCALE, UUID_PATTERN, RecordChecker
@@ -171,11 +170,11 @@ def split_batch(
         if plan is None:
             continue
         rows = np.flatnonzero(framed & (schema_ids == schema_id))
-        rows = rows[body_fits(data, start[rows] + HEADER_BYTES, end[rows], plan.schema)]
+        rows = rows[body_fits(data, start[rows], end[rows], plan.schema)]
         if rows.size == 0:
             continue
-        bodies = strip_headers(raw.take(pa.array(rows)), HEADER_BYTES)
-        decoded, _failed = decode_bodies(plan.schema, bodies, list(plan.columns))
+        values = raw if rows.size == len(raw) else raw.take(pa.array(rows))
+        decoded, _failed = decode_bodies(plan.schema, values, list(plan.columns))
         for first, records in decoded:
             index = rows[first : first + records.num_rows]
             run = valid_run(records, index, plan, writer, checker, times, silver_types)
@@ -270,10 +269,12 @@ def valid_run(
     ok &= price_ok & quantity_ok
     trade = _column(records, plan, "timestamp").fill_null(0).to_numpy(zero_copy_only=False)
     ok &= _in_window(trade, index, times, checker)
-    keep = pa.array(ok)
+    kept = int(ok.sum())
+    if kept < records.num_rows:
+        records = records.filter(pa.array(ok))
     columns = {}
     for f in list(silver_types)[: len(plan.columns) + len(plan.defaults)]:
-        columns[f.name] = _silver_column(records, plan, f, keep, int(ok.sum()))
+        columns[f.name] = _silver_column(records, plan, f, kept)
     columns["price"], columns["quantity"] = decimal_array(price[ok]), decimal_array(quantity[ok])
     columns["schema_id"] = pa.repeat(pa.scalar(writer.schema_id, pa.int32()), int(ok.sum()))
     return FastRun(index[ok], columns)
@@ -314,11 +315,11 @@ def _in_window(
     return ok
 
 
-def _silver_column(records: pa.RecordBatch, plan: BlockPlan, f: pa.Field, keep: pa.Array, n: int) -> pa.Array:
+def _silver_column(records: pa.RecordBatch, plan: BlockPlan, f: pa.Field, n: int) -> pa.Array:
     if f.name in plan.defaults:
         default = plan.defaults[f.name]
         return pa.repeat(pa.scalar(default, type=f.type), n) if default is not None else pa.nulls(n, f.type)
-    column = records.column(f.name).filter(keep)
+    column = records.column(f.name)
     if f.name == "vendor_data":
         return _vendor_json(column, f.type)
     if pa.types.is_decimal(f.type):
@@ -327,9 +328,46 @@ def _silver_column(records: pa.RecordBatch, plan: BlockPlan, f: pa.Field, keep: 
 
 
 def _vendor_json(column: pa.Array, silver_type: pa.DataType) -> pa.Array:
-    """The map column as vendor_data_json strings, computed once per distinct map."""
+    """The map column as vendor_data_json strings, computed once per distinct map.
+
+    Maps are told apart exactly: each entry becomes an integer (key code, value code) and each map the
+    number whose digits (never 0), in base entries + 1, are its entries in order (empty: 0, null:
+    -1); when that cannot fit 62 bits
+    (many distinct entries, long maps) a length-prefixed text signature is used instead.
+    """
     if len(column) == 0:
         return pa.array([], type=silver_type)
+    groups = _map_groups(column)
+    if groups is None:
+        return _vendor_json_by_text(column, silver_type)
+    first, inverse = groups
+    texts = [None if m is None else vendor_data_json(dict(m)) for m in column.take(pa.array(first)).to_pylist()]
+    return pa.array(texts, type=silver_type).take(pa.array(inverse))
+
+
+def _map_groups(column: pa.Array) -> tuple[np.ndarray, np.ndarray] | None:
+    """(first row of each distinct map, each row's group), or None when the codes would not fit."""
+    keys, items = column.keys.dictionary_encode(), column.items.dictionary_encode()
+    n_items = len(items.dictionary) + 1
+    entry = keys.indices.to_numpy(zero_copy_only=False).astype(np.int64) * n_items
+    entry += items.indices.fill_null(n_items - 1).to_numpy(zero_copy_only=False) + 1
+    offsets = np.frombuffer(column.buffers()[1], dtype=np.int32)[column.offset : column.offset + len(column) + 1]
+    offsets = offsets - offsets[0]
+    sizes = np.diff(offsets)
+    base = len(keys.dictionary) * n_items + 1
+    longest = int(sizes.max()) if len(sizes) else 0
+    if base**longest >= 2**62:
+        return None
+    code = np.zeros(len(column), dtype=np.int64)
+    for k in range(longest):
+        has = sizes > k
+        code[has] = code[has] * base + entry[offsets[:-1][has] + k]
+    code[~_present(column)] = -1
+    _, first, inverse = np.unique(code, return_index=True, return_inverse=True)
+    return first, inverse
+
+
+def _vendor_json_by_text(column: pa.Array, silver_type: pa.DataType) -> pa.Array:
     keys = pc.binary_join_element_wise(pc.cast(pc.utf8_length(column.keys), pa.string()), ":", column.keys, "")
     items = pc.binary_join_element_wise(pc.cast(pc.utf8_length(column.items), pa.string()), ":", column.items, "")
     tokens = pc.binary_join_element_wise(keys, items, "=")
