@@ -17,19 +17,30 @@ watermark above the stored offset, an out-of-range fetch, or a topic whose id ch
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+import pyarrow.compute as pc
+from confluent_kafka import (
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
 from pyiceberg.exceptions import CommitFailedException
 from pyiceberg.io.pyarrow import _dataframe_to_data_files
-from pyiceberg.table import Table
+from pyiceberg.table import Table, Transaction
+from pyiceberg.table.metadata import TableMetadata
 from pyiceberg.table.snapshots import ancestors_of
 from pyiceberg.table.update.snapshot import ManageSnapshots
 
@@ -124,6 +135,41 @@ def read_stored_topic_id(table: Table) -> str | None:
     return _offsets_summary(table).get(TOPIC_ID_PROPERTY)
 
 
+@contextmanager
+def frozen_heap() -> Iterator[None]:
+    """Keep the objects alive now out of the cyclic garbage collector's passes while the block runs.
+
+    Every `consume()` creates thousands of GC-tracked `Message` objects, so the collector runs often,
+    and each full pass walked every object Dagster, PyIceberg and pydantic had loaded at start. Frozen,
+    those are skipped (`gc.freeze`); objects created inside the block are collected as usual.
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+class _StagedMetadataTransaction(Transaction):
+    """A PyIceberg transaction that builds its staged metadata once per staged change, not per read.
+
+    PyIceberg 0.12's `Transaction.table_metadata` applies the staged updates to a deep copy of the
+    whole table metadata on every read, and an append plus a tag reads it ~19 times. The metadata
+    grows by a snapshot per commit, so commits grew slower the longer a table lived (14 -> 80 ms CPU
+    over 100 commits). Its models are frozen, so reads of the same staged state can share one copy.
+    """
+
+    _staged: tuple[TableMetadata, tuple, TableMetadata] | None = None
+
+    @property
+    def table_metadata(self) -> TableMetadata:
+        base, updates = self._table.metadata, self._updates
+        if self._staged is None or self._staged[0] is not base or self._staged[1] is not updates:
+            self._staged = (base, updates, super().table_metadata)
+        return self._staged[2]
+
+
 class BronzeCommitter:
     """Appends record batches to a Bronze table, each commit carrying the offsets it advances to."""
 
@@ -172,7 +218,8 @@ class BronzeCommitter:
         raise AssertionError("unreachable")
 
     def _commit_once(self, files: list, properties: dict[str, str]) -> int:
-        with self.table.transaction() as tx:
+        """One append + tag commit; the transaction leaves `self.table` at the metadata it committed."""
+        with _StagedMetadataTransaction(self.table) as tx:
             with tx.update_snapshot(snapshot_properties=properties).fast_append() as append:
                 for data_file in files:
                     append.append_data_file(data_file)
@@ -180,54 +227,69 @@ class BronzeCommitter:
             assert snapshot is not None
             ManageSnapshots(tx).create_tag(snapshot.snapshot_id, OFFSETS_TAG).commit()
         crash_point("bronze.after_iceberg_commit")
-        self.table = self.table.refresh()
         return snapshot.snapshot_id
 
 
 @dataclass
 class _Batch:
-    """Columns of the records read since the last commit."""
+    """The records read since the last commit: one Arrow record batch per run of consumed messages.
 
-    raw_bytes: list[bytes | None] = field(default_factory=list)
-    keys: list[bytes | None] = field(default_factory=list)
-    partitions: list[int] = field(default_factory=list)
-    offsets: list[int] = field(default_factory=list)
-    kafka_ts: list[int | None] = field(default_factory=list)
-    first: dict[int, int] = field(default_factory=dict)
-    last: dict[int, int] = field(default_factory=dict)
+    Columns are built per `consume()` result (a list comprehension per Kafka field, `pa.array` in C)
+    rather than record by record: six list appends, two dict updates and a call per message were most
+    of ingestion's CPU (bench/README.md, Bronze ingestion).
+    """
+
+    chunks: list[pa.RecordBatch] = field(default_factory=list)
+    rows: int = 0
     size: int = 0
 
-    def add(self, msg: Message) -> None:
-        value, partition, offset = msg.value(), msg.partition(), msg.offset()
-        ts_type, ts = msg.timestamp()
-        self.raw_bytes.append(value)
-        self.keys.append(msg.key())
-        self.partitions.append(partition)
-        self.offsets.append(offset)
-        self.kafka_ts.append(ts if ts_type != 0 and ts >= 0 else None)
-        self.first.setdefault(partition, offset)
-        self.last[partition] = offset
-        self.size += len(value) if value else 0
+    def add(self, messages: list[Message], partitions: list[int], offsets: list[int]) -> None:
+        """Append good messages whose partitions and offsets the caller has already read."""
+        values = pa.array([m.value() for m in messages], pa.binary())
+        # map(): each (type, timestamp) tuple is freed at once, so it does not count towards a GC pass.
+        stamps = map(Message.timestamp, messages)
+        kafka_ts = [ts if kind != TIMESTAMP_NOT_AVAILABLE and ts >= 0 else None for kind, ts in stamps]
+        self.chunks.append(
+            pa.record_batch(
+                {
+                    "raw_bytes": values,
+                    "message_key": pa.array([m.key() for m in messages], pa.binary()),
+                    "partition": pa.array(partitions, pa.int32()),
+                    "offset": pa.array(offsets, pa.int64()),
+                    "kafka_timestamp": pa.array(kafka_ts, pa.int64()),
+                }
+            )
+        )
+        self.rows += len(messages)
+        self.size += pc.sum(pc.binary_length(values)).as_py() or 0
 
     def __len__(self) -> int:
-        return len(self.offsets)
+        return self.rows
+
+    def offset_ranges(self) -> dict[int, tuple[int, int]]:
+        """(first, last) offset taken per partition, in the order the records were read."""
+        records = pa.Table.from_batches(self.chunks).select(["partition", "offset"])
+        ranges = records.group_by("partition", use_threads=False).aggregate(
+            [("offset", "first"), ("offset", "last")]
+        )
+        columns = (ranges[name].to_pylist() for name in ("partition", "offset_first", "offset_last"))
+        return {p: (first, last) for p, first, last in zip(*columns, strict=True)}
 
     def to_arrow(self, schema: pa.Schema, topic: str, now: datetime) -> pa.Table:
-        n = len(self)
+        records = pa.Table.from_batches(self.chunks).combine_chunks()
+        n = records.num_rows
         kafka_ts = (
-            pa.array(self.kafka_ts, pa.int64())
-            .cast(pa.timestamp("ms", tz="UTC"))
-            .cast(pa.timestamp("us", tz="UTC"))
+            records["kafka_timestamp"].cast(pa.timestamp("ms", tz="UTC")).cast(pa.timestamp("us", tz="UTC"))
         )
         columns = {
-            "raw_bytes": pa.array(self.raw_bytes, pa.binary()),
-            "message_key": pa.array(self.keys, pa.binary()),
-            "topic": pa.array([topic] * n, pa.string()),
-            "partition": pa.array(self.partitions, pa.int32()),
-            "offset": pa.array(self.offsets, pa.int64()),
+            "raw_bytes": records["raw_bytes"],
+            "message_key": records["message_key"],
+            "topic": pa.repeat(pa.scalar(topic, pa.string()), n),
+            "partition": records["partition"],
+            "offset": records["offset"],
             "kafka_timestamp": kafka_ts,
-            "ingestion_timestamp": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
-            "ingestion_date": pa.array([now.date()] * n, pa.date32()),
+            "ingestion_timestamp": pa.repeat(pa.scalar(now, pa.timestamp("us", tz="UTC")), n),
+            "ingestion_date": pa.repeat(pa.scalar(now.date(), pa.date32()), n),
         }
         return pa.table([columns[f.name] for f in schema], schema=schema)
 
@@ -339,7 +401,8 @@ class TopicIngestion:
         self.summary.start_offsets = dict(positions)
         self.consumer.assign([TopicPartition(self.topic, p, o) for p, o in positions.items()])
         try:
-            self._loop()
+            with frozen_heap():
+                self._loop()
         finally:
             self.summary.end_offsets = dict(self.next_offsets)
         return self.summary
@@ -397,39 +460,20 @@ class TopicIngestion:
                 batch, batch_started = _Batch(), time.monotonic()
 
     def _absorb(self, messages: list[Message], batch: _Batch, down_since: float | None) -> float | None:
-        """Add good messages to the batch; classify errors. Returns when the broker was first seen down."""
-        for msg in messages:
-            err = msg.error()
-            if err is None:
-                self._accept(msg, batch)
+        """Add good messages to the batch; classify errors. Returns when the broker was first seen down.
+
+        Messages are taken in order: each run of good ones between two errors goes to `_accept` at once.
+        """
+        errors = [m.error() for m in messages]
+        failed = [i for i, err in enumerate(errors) if err is not None]
+        start = 0
+        for i in [*failed, len(messages)]:
+            if i > start:
+                self._accept(messages[start:i], batch)
                 down_since = None
-            elif err.code() == KafkaError._PARTITION_EOF:
-                # The consumer reached the end: any offsets before it that were never delivered are
-                # transaction markers, aborted or compacted records, so this is where to resume.
-                p = msg.partition()
-                self.next_offsets[p] = max(self.next_offsets[p], msg.offset())
-                down_since = None
-            elif err.code() in GAP_ERRORS:
-                p = msg.partition()
-                low, _ = self.watermarks([p], False)[p]
-                self._gap(
-                    f"offset {self.next_offsets.get(p)} is out of range ({err.str()})",
-                    p,
-                    self.next_offsets[p],
-                    low - 1,
-                )
-                self.next_offsets[p] = low
-                self.consumer.assign([TopicPartition(self.topic, q, o) for q, o in self.next_offsets.items()])
-            elif err.code() in TRANSIENT_ERRORS or err.retriable():
-                down_since = down_since or time.monotonic()
-                if time.monotonic() - down_since > self.settings.broker_timeout_seconds:
-                    raise KafkaException(
-                        f"Kafka unreachable for {self.settings.broker_timeout_seconds:.0f}s while reading {self.topic}: "
-                        f"{err.str()}"
-                    )
-                log.warning("Kafka transient error on %s, retrying: %s", self.topic, err.str())
-            else:
-                raise KafkaException(err)
+            if i < len(messages):
+                down_since = self._on_error(messages[i], errors[i], down_since)
+            start = i + 1
         if (
             not messages
             and down_since is not None
@@ -440,13 +484,55 @@ class TopicIngestion:
             )
         return down_since
 
-    def _accept(self, msg: Message, batch: _Batch) -> None:
-        """Take a record unless Bronze has it already; an offset jump is a marker or compaction, not loss."""
-        p, offset = msg.partition(), msg.offset()
-        if offset < self.next_offsets[p]:
-            return  # already in Bronze (a re-fetch after reassignment): never write it twice
-        batch.add(msg)
-        self.next_offsets[p] = offset + 1
+    def _on_error(self, msg: Message, err: KafkaError, down_since: float | None) -> float | None:
+        """Act on one error the consumer delivered in place of a record."""
+        if err.code() == KafkaError._PARTITION_EOF:
+            # The consumer reached the end: any offsets before it that were never delivered are
+            # transaction markers, aborted or compacted records, so this is where to resume.
+            p = msg.partition()
+            self.next_offsets[p] = max(self.next_offsets[p], msg.offset())
+            return None
+        if err.code() in GAP_ERRORS:
+            p = msg.partition()
+            low, _ = self.watermarks([p], False)[p]
+            self._gap(
+                f"offset {self.next_offsets.get(p)} is out of range ({err.str()})",
+                p,
+                self.next_offsets[p],
+                low - 1,
+            )
+            self.next_offsets[p] = low
+            self.consumer.assign([TopicPartition(self.topic, q, o) for q, o in self.next_offsets.items()])
+            return down_since
+        if err.code() in TRANSIENT_ERRORS or err.retriable():
+            down_since = down_since or time.monotonic()
+            if time.monotonic() - down_since > self.settings.broker_timeout_seconds:
+                raise KafkaException(
+                    f"Kafka unreachable for {self.settings.broker_timeout_seconds:.0f}s while reading {self.topic}: "
+                    f"{err.str()}"
+                )
+            log.warning("Kafka transient error on %s, retrying: %s", self.topic, err.str())
+            return down_since
+        raise KafkaException(err)
+
+    def _accept(self, messages: list[Message], batch: _Batch) -> None:
+        """Take the records Bronze has not got yet; an offset jump is a marker or compaction, not loss."""
+        partitions = [m.partition() for m in messages]
+        offsets = [m.offset() for m in messages]
+        next_offsets = self.next_offsets
+        stale = []
+        for i, (p, offset) in enumerate(zip(partitions, offsets, strict=True)):
+            if offset < next_offsets[p]:
+                stale.append(i)  # already in Bronze (a re-fetch after reassignment): never write it twice
+            else:
+                next_offsets[p] = offset + 1
+        if stale:
+            fresh = sorted(set(range(len(messages))) - set(stale))
+            messages = [messages[i] for i in fresh]
+            partitions = [partitions[i] for i in fresh]
+            offsets = [offsets[i] for i in fresh]
+        if messages:
+            batch.add(messages, partitions, offsets)
 
     def _commit(self, batch: _Batch) -> None:
         started = time.monotonic()
@@ -461,7 +547,7 @@ class TopicIngestion:
             snapshot_id=snapshot_id,
             rows=len(batch),
             bytes=batch.size,
-            offsets={p: (batch.first[p], batch.last[p]) for p in batch.last},
+            offsets=batch.offset_ranges(),
             consumer_lag=self._lag(),
             commit_seconds=commit_seconds,
         )
