@@ -198,7 +198,7 @@ def committed_report(iceberg: IcebergCatalogResource, spec: TableSpec, propertie
     raise RuntimeError(f"Spark reported a write to {spec.identifier} but no snapshot carries {dict(properties)}")
 
 
-ROOT_CAUSE = re.compile(r"^(?:Caused by: )?([\w.$]+(?:Error|Exception|Invalid)\b.*)$")
+ROOT_CAUSE = re.compile(r"^(?::\s*)?(?:Caused by: )?([\w.$]+(?:Error|Exception|Invalid)\b.*)$")
 
 
 def spark_error_text(err: BaseException) -> str:
