@@ -43,7 +43,11 @@ defs = dg.Definitions.merge(
     feeds.defs,
     maintenance.defs,
     operations.defs,
+    # In-process: a run is one process. The multiprocess default started another Python process (importing
+    # all of K2 again, 3-6 s of CPU) per step: per check of a check run, per asset of an automation run.
     dg.Definitions(
-        sensors=[freshness_sensor, automation_sensor, orphaned_run_sensor], resources=build_resources()
+        sensors=[freshness_sensor, automation_sensor, orphaned_run_sensor],
+        resources=build_resources(),
+        executor=dg.in_process_executor,
     ),
 )
