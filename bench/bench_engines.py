@@ -159,6 +159,8 @@ def spark_conf_dir(scratch: Path, event_dir: Path) -> Path:
     event_dir.mkdir()
     (conf / "spark-defaults.conf").write_text(
         f"spark.eventLog.enabled true\nspark.eventLog.dir file://{event_dir}\n"
+        # Spark 4 writes rolling, zstd-compressed logs by default: one plain JSON file per application.
+        "spark.eventLog.compress false\nspark.eventLog.rolling.enabled false\n"
     )
     return conf
 
