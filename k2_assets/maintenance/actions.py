@@ -33,8 +33,11 @@ log = logging.getLogger(__name__)
 
 # Java exceptions that mean "a concurrent commit won": the procedure can simply run again.
 CONFLICTS = ("CommitFailedException", "ValidationException")
-# Snapshot ids per expire_snapshots call, so one SQL statement stays small after a long outage.
-EXPIRE_BATCH = 1000
+# Snapshot ids per expire_snapshots call. Each call lists the files reachable from every snapshot that
+# remains, so k calls over N snapshots cost k * N: batches of 1,000 made a 20k-commit history quadratic
+# (bench/bench_maintenance.py). Spark parses a 20,000-id array in ~7 s on a loaded machine, so one
+# call covers any realistic backlog; the cap only bounds the statement after a months-long outage.
+EXPIRE_BATCH = 50_000
 
 
 @dataclass(frozen=True)
