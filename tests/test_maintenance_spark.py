@@ -184,6 +184,10 @@ def test_maintenance_through_spark_connect_by_configuration_alone(
     try:
         wait_for_port(port, server, timeout=180)
         monkeypatch.setenv("K2_SPARK_REMOTE", f"sc://127.0.0.1:{port}")
+        # pyspark marks the whole process as Spark Connect (SPARK_CONNECT_MODE_ENABLED=1) when a Connect
+        # session starts; set through monkeypatch, it is removed again after this test, so the
+        # classic-Spark tests that run next in this process (and the Dagster processes they start) stay classic.
+        monkeypatch.setenv("SPARK_CONNECT_MODE_ENABLED", "1")
         resource = IcebergSparkResource.from_environment(catalog)
         spark = resource.spark_session
         assert type(spark).__module__.startswith("pyspark.sql.connect")

@@ -46,6 +46,7 @@ from pyiceberg.table.update.snapshot import ManageSnapshots
 
 from k2_assets.bronze.tables import OFFSETS_PROPERTY, OFFSETS_TAG, TOPIC_ID_PROPERTY
 from k2_resources.crashpoints import crash_point
+from k2_resources.iceberg_maintenance import backoff
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +216,8 @@ class BronzeCommitter:
                 if attempt == self.max_retries:
                     raise
                 log.info("Commit met a concurrent non-ingestion commit; retrying (%s)", attempt + 1)
+                # Jittered: retried at once, a commit kept losing to maintenance committing in a loop.
+                backoff(attempt)
         raise AssertionError("unreachable")
 
     def _commit_once(self, files: list, properties: dict[str, str]) -> int:
