@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 export K2_HOME ?= $(CURDIR)/.k2
 
-.PHONY: install system-deps run test dev lint bench clean
+.PHONY: install system-deps run test test-spark dev lint bench clean
 
 $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,11 @@ run: install ## run the whole pipeline end to end on the embedded default
 # Two workers, one test file each at a time (module fixtures stay whole): most tests wait on brokers,
 # Dagster daemons and subprocesses, so two run in little more than the time of one.
 test: system-deps install ## run the test suite against real parts
-	$(BIN)/pytest -q -n 2 --dist loadfile --durations=25
+	$(BIN)/pytest -q -n 2 --dist loadfile --durations=25 -m "not spark_e2e"
+
+# Whole pipelines on Spark local[2]: the engine differential test and a Spark run through `dagster job launch`.
+test-spark: system-deps install
+	$(BIN)/pytest -q -m spark_e2e --durations=0
 
 dev: install ## dagster dev on 127.0.0.1 with the dev stack up and the simulator streaming
 	$(BIN)/k2 dev

@@ -20,7 +20,7 @@ from tests.differential_corpus import REFERENCE_DIR, Corpus, coverage_gaps, diff
 
 ENGINES = {"embedded": {"K2_ENGINE": "embedded"}, "spark": {"K2_ENGINE": "spark", "K2_SPARK_MASTER": "local[2]"}}
 RUN_TIMEOUT = 2400.0  # a Spark run pays JVM starts and Iceberg's runtime; CI's machine is shared
-pytestmark = pytest.mark.timeout(RUN_TIMEOUT + 300)
+pytestmark = [pytest.mark.spark_e2e, pytest.mark.timeout(RUN_TIMEOUT + 300)]
 
 
 @pytest.fixture(scope="module")

@@ -136,6 +136,7 @@ def snapshot_summaries(catalog: IcebergCatalogResource, spec, run_id: str) -> li
     return [s for s in summaries if s.get("dagster.run-id") == run_id]
 
 
+@pytest.mark.spark_e2e
 @pytest.mark.timeout(2 * RUN_TIMEOUT)
 def test_a_silver_hour_then_a_gold_range_backfill_run_on_spark_through_dagster_job_launch(
     spark_deployment: Deployment, monkeypatch: pytest.MonkeyPatch
