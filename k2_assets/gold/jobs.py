@@ -16,6 +16,7 @@ windows only the keys that repeat, out of core under DuckDB's memory limit.
 
 from collections import Counter
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import dagster as dg
 import pyarrow as pa
@@ -239,19 +240,7 @@ def remove_gold_duplicates(
         kept = (b.filter(pc.invert(pc.is_in(b["message_id"], value_set=remove))) for b in stream.batches())
         properties = {"dagster.run-id": context.run_id, "dagster.partition-key": hour, "k2.dedup": "stage-2"}
         report = replace_rows(gold, GOLD_TABLE_SPEC, kept, RowScope(start, end), properties)
-        context.log_event(
-            dg.AssetMaterialization(
-                asset_key=GOLD_KEY,
-                partition=hour,
-                metadata={
-                    "rows": report.rows,
-                    "removed_duplicates": before - report.rows,
-                    "snapshot_id": str(report.snapshot_id),
-                },
-                description="gold_dedup_job stage 2",
-            )
-        )
-        context.log.info(f"{hour}: removed {before - report.rows} duplicate rows, {report.rows} remain")
+        report_rewritten_hour(context, hour, before, report.rows, report.snapshot_id)
 
 
 # One dedup at a time (dagster.yaml limits the tag to one run): two would append the same audit rows.
@@ -267,3 +256,28 @@ DEDUP_MAX_RUNTIME_SECONDS = 2 * 3600
 )
 def gold_dedup_job() -> None:
     remove_gold_duplicates(find_gold_duplicates())
+
+
+def report_rewritten_hour(
+    context: dg.OpExecutionContext,
+    hour: str,
+    rows_before: int,
+    rows_after: int,
+    snapshot_id: int,
+    extra_metadata: dict[str, Any] | None = None,
+) -> None:
+    """Stage 2's materialisation of one rewritten Gold hour, whichever engine rewrote it."""
+    context.log_event(
+        dg.AssetMaterialization(
+            asset_key=GOLD_KEY,
+            partition=hour,
+            metadata={
+                "rows": rows_after,
+                "removed_duplicates": rows_before - rows_after,
+                "snapshot_id": str(snapshot_id),
+                **(extra_metadata or {}),
+            },
+            description="gold_dedup_job stage 2",
+        )
+    )
+    context.log.info(f"{hour}: removed {rows_before - rows_after} duplicate rows, {rows_after} remain")

@@ -37,7 +37,14 @@ from k2_assets.gold.assets import (
 )
 from k2_assets.gold.checks import matches_silver_result, no_duplicates_result
 from k2_assets.gold.dedup import DuckDBConfig
-from k2_assets.gold.jobs import AUDIT_KEY, KEY_COLUMNS, RULES, GoldDedupConfig, lookback_window
+from k2_assets.gold.jobs import (
+    AUDIT_KEY,
+    KEY_COLUMNS,
+    RULES,
+    GoldDedupConfig,
+    lookback_window,
+    report_rewritten_hour,
+)
 from k2_assets.gold.tables import DEDUP_AUDIT_TABLE_SPEC, GOLD_TABLE_SPEC
 from k2_assets.partitions import HOUR_KEY_FORMAT
 from k2_assets.silver.spark_engine import partition_label, spark_where
@@ -300,17 +307,4 @@ def remove_duplicates_on_spark(
             names = columns(spark, catalog, iceberg, GOLD_TABLE_SPEC)
             properties = {"dagster.run-id": context.run_id, "dagster.partition-key": hour, "k2.dedup": "stage-2"}
             report = replace_scope(kept.select(*names), catalog, GOLD_TABLE_SPEC, scope, properties, iceberg)
-        context.log_event(
-            dg.AssetMaterialization(
-                asset_key=GOLD_KEY,
-                partition=hour,
-                metadata={
-                    "rows": report.rows,
-                    "removed_duplicates": before - report.rows,
-                    "snapshot_id": str(report.snapshot_id),
-                    ENGINE_METADATA: SPARK,
-                },
-                description="gold_dedup_job stage 2",
-            )
-        )
-        context.log.info(f"{hour}: removed {before - report.rows} duplicate rows, {report.rows} remain")
+        report_rewritten_hour(context, hour, before, report.rows, report.snapshot_id, {ENGINE_METADATA: SPARK})
