@@ -320,20 +320,6 @@ def value_offsets(binary: pa.Array) -> np.ndarray:
     return np.frombuffer(binary.buffers()[1], dtype=np.int64)[binary.offset : binary.offset + len(binary) + 1]
 
 
-def strip_headers(values: pa.Array, header_bytes: int) -> pa.Array:
-    """A large_binary array of the same values without their first `header_bytes` bytes each (every
-    value must have them), its bodies back to back in one buffer."""
-    offsets = value_offsets(values)
-    first = int(offsets[0])
-    data = np.frombuffer(values.buffers()[2], dtype=np.uint8)[first : int(offsets[-1])]
-    keep = np.ones(len(data), dtype=bool)
-    keep[(offsets[:-1] - first)[:, None] + np.arange(header_bytes)] = False
-    body_offsets = offsets - first - header_bytes * np.arange(len(offsets))
-    return pa.Array.from_buffers(
-        pa.large_binary(), len(values), [None, pa.py_buffer(body_offsets), pa.py_buffer(data[keep])]
-    )
-
-
 def decode_block(schema: BlockSchema, bodies: pa.Array, columns: list[str]) -> pa.RecordBatch:
     """Decode bodies (a binary array whose values are each exactly one record) with arrow-avro."""
     offsets = value_offsets(bodies)
