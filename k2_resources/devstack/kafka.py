@@ -313,12 +313,21 @@ def _java_command(home: Path, main_class: str, *args: str) -> list[str]:
     ]
 
 
+def new_cluster_id() -> str:
+    """A random KRaft cluster id as Kafka makes them: 16 random bytes in URL-safe base64, never starting
+    with '-', which kafka-storage's argument parser would take for an option (one id in 64 would)."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 def _format_storage(home: Path, properties: Path) -> None:
     """Format the KRaft log dirs once; a formatted data dir is reused as is (records are kept)."""
     data = broker_dir(home) / "data"
     if (data / "meta.properties").exists():
         return
-    cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    cluster_id = new_cluster_id()
     command = _java_command(home, STORAGE_TOOL_CLASS, "format", "-t", cluster_id, "-c", str(properties))
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     if done.returncode != 0:
