@@ -22,23 +22,36 @@ def k2_env(home: Path, **extra: str) -> dict[str, str]:
 def k2(
     *args: str, home: Path, check: bool = True, timeout: float = 120, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    """Run the `k2` CLI in a subprocess with K2_HOME=home, as a user would."""
+    """Run the `k2` CLI in a subprocess with K2_HOME=home, as a user would; a failure shows its stderr."""
     env = k2_env(home, **(env or {}))
-    return subprocess.run(
+    done = subprocess.run(
         [sys.executable, "-m", "k2_resources.cli", *args],
         env=env,
         capture_output=True,
         text=True,
         timeout=timeout,
-        check=check,
     )
+    if check and done.returncode != 0:
+        raise AssertionError(f"k2 {' '.join(args)} exited {done.returncode}:\n{done.stderr[-4000:]}")
+    return done
+
+
+# Seconds a test gives `k2 devstack up`: the CLI's own default (60 s) is a user's patience on a quiet
+# machine; CI runs two test files at once beside JVMs of Spark and Kafka, where a broker's start has
+# taken longer than that.
+DEVSTACK_UP_SECONDS = 180
+
+
+def devstack_up(home: Path) -> None:
+    """`k2 devstack up` at `home`, with the patience of a loaded CI machine."""
+    k2("devstack", "up", "--timeout", str(DEVSTACK_UP_SECONDS), home=home, timeout=DEVSTACK_UP_SECONDS + 60)
 
 
 @pytest.fixture(scope="module")
 def devstack_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A running dev stack per test module (topics are shared state); its addresses are in devstack.env."""
     home = tmp_path_factory.mktemp("k2home")
-    k2("devstack", "up", home=home)
+    devstack_up(home)
     try:
         yield home
     finally:
@@ -59,7 +72,7 @@ def devstack_env(devstack_home: Path, monkeypatch: pytest.MonkeyPatch) -> dict[s
 def fresh_devstack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A dev stack of this test's own (empty topics, own catalog), exported into this process."""
     home = tmp_path / "k2home"
-    k2("devstack", "up", home=home)
+    devstack_up(home)
     for key, value in read_env_file(home / "devstack.env").items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("K2_HOME", str(home))

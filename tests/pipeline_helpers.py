@@ -43,9 +43,9 @@ WRITE_TIME_COLUMNS = ("validation_timestamp", "dlq_timestamp", "gold_ingestion_t
 def running_stack(home: Path) -> Iterator[Path]:
     """A dev stack of its own at `home`, its settings exported into this process while it runs."""
     from k2_resources.settings import read_env_file
-    from tests.conftest import k2
+    from tests.conftest import devstack_up, k2
 
-    k2("devstack", "up", home=home)
+    devstack_up(home)
     patch = pytest.MonkeyPatch()
     try:
         for key, value in {**read_env_file(home / "devstack.env"), "K2_HOME": str(home)}.items():
