@@ -456,7 +456,7 @@ def test_one_ingestion_run_per_exchange_and_max_runtime(services: DagsterService
     run monitoring at its `dagster/max_runtime`, far before its own 300 s limit."""
     port = services.port
     run_ids = {
-        "binance_a": submit_run(port, "bronze_binance_ingestion", ingestion_config("binance", False, 12))
+        "binance_a": submit_run(port, "bronze_binance_ingestion", ingestion_config("binance", False, 20))
     }
     wait_for(lambda: run_status_is(run_ids["binance_a"], "STARTED"), 120, "the first binance run to start")
     run_ids["binance_b"] = submit_run(port, "bronze_binance_ingestion", ingestion_config("binance", True))
@@ -476,7 +476,11 @@ def test_one_ingestion_run_per_exchange_and_max_runtime(services: DagsterService
     assert (a.status, b.status) == ("SUCCESS", "SUCCESS"), times
     assert any(s["binance_a"] == "STARTED" and s["binance_b"] == "QUEUED" for s in samples), samples
     assert b.start >= a.end, "the second binance run started before the first ended"
-    assert kraken.start < a.end, "the kraken run waited for binance: the limit is not per exchange"
+    # Dequeued (STARTING or later) while binance_a ran: the run's own start, a new process, can take
+    # longer than binance_a's whole run on a loaded machine, so start times would not show the limit.
+    assert any(
+        s["binance_a"] == "STARTED" and s["kraken"] not in ("QUEUED", "NOT_STARTED") for s in samples
+    ), "the kraken run waited for binance: the limit is not per exchange"
     assert kraken.status == "FAILURE", times
     assert "Exceeded maximum runtime of 10 seconds" in kraken_logs, kraken_logs[-2000:]
     assert kraken.end - kraken.start < 120, kraken

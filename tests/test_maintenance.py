@@ -226,10 +226,12 @@ def test_committer_is_not_fenced_by_retention_beside_it(home: Path) -> None:
     catalog = sqlite_catalog(home)
     commit_batches(catalog, 5, 100, when=datetime.now(UTC) - timedelta(days=9))
     commit_batches(catalog, 5, 100)
-    committer = CommitterThread(home, rows=10, pause_seconds=0.02)
+    # A commit every second: ten times Binance's interval. A writer that never pauses would starve any
+    # optimistic writer's retry (Iceberg's commits are optimistic), which is not what this test is about.
+    committer = CommitterThread(home, rows=10, pause_seconds=1.0)
     committer.start()
     try:
-        time.sleep(0.3)
+        time.sleep(1.5)
         reclaimed = apply_bronze_retention(
             catalog.load_table(BRONZE_SPEC), MaintenancePolicy(7, 0, 30), datetime.now(UTC)
         )
