@@ -4,15 +4,27 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 export K2_HOME ?= $(CURDIR)/.k2
 
-.PHONY: install system-deps run test test-spark dev lint bench clean
+.PHONY: install python-deps lock system-deps run test test-spark dev lint bench clean
+
+# uv pinned to the release that wrote uv.lock (`make lock` rewrites both together).
+UV_VERSION := 0.13.9
 
 $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip uv
+	$(BIN)/pip install --quiet --upgrade pip uv==$(UV_VERSION)
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/uv
-	$(BIN)/uv pip install --quiet --python $(BIN)/python -e ".[dev]"
+# Exactly the versions in uv.lock (--locked: a lock out of date with pyproject.toml is an error, not a re-resolve),
+# K2 itself editable, with the dev extra. --inexact keeps the venv's own pip and uv.
+$(VENV)/.installed: pyproject.toml uv.lock | $(BIN)/uv
+	UV_PROJECT_ENVIRONMENT=$(VENV) $(BIN)/uv sync --quiet --locked --inexact --extra dev --python $(BIN)/python
 	touch $@
+
+# After changing dependencies in pyproject.toml: resolve again and commit uv.lock with it.
+lock: | $(BIN)/uv
+	$(BIN)/uv lock
+
+# The locked Python environment alone (no system packages, no jars): what `lint` and .ci/run's lint need.
+python-deps: $(VENV)/.installed
 
 # The dev stack's Kafka broker: Apache Kafka's jars from Maven Central, cached in ~/.cache/k2 (needs Java 17+).
 install: $(VENV)/.installed ## create the virtualenv, install K2 with its dev tools, fetch the Kafka jars
@@ -37,7 +49,7 @@ test-spark: system-deps install
 dev: install ## dagster dev on 127.0.0.1 with the dev stack up and the simulator streaming
 	$(BIN)/k2 dev
 
-lint: install
+lint: python-deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 

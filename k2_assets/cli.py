@@ -56,14 +56,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 def cmd_job(args: argparse.Namespace) -> int:
     """Run any job with run config from YAML files (merged in order), as `dagster job execute` would."""
-    import yaml
-    from dagster._utils.merger import deep_merge_dicts
+    import dagster as dg
 
-    config: dict = {}
-    for path in args.config or []:
-        with open(path) as handle:
-            config = deep_merge_dicts(config, yaml.safe_load(handle) or {})
-    return execute(args.job, config)
+    config = dg.config_from_files(args.config) if args.config else {}
+    return execute(args.job, dict(config))
 
 
 def cmd_run(args: argparse.Namespace) -> int:

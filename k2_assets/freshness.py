@@ -1,59 +1,181 @@
-"""Freshness checks evaluated inside a sensor: no run and no process per evaluation.
+"""K2's freshness checks, and the sensor that evaluates them without a run or a process.
 
-Dagster's `build_sensor_for_freshness_checks` launches a run whenever a check may be overdue. Bronze's
-last-update checks may be overdue a few commit intervals after each commit, so that was a run every
-minute: a run worker plus one step process per check (multiprocess executor), each a new Python
-process importing K2 (measured in bench/README.md, "Live cost": the largest single cost of K2 idle).
+Two rules, each a plain `@dg.asset_check` on its asset (so it shows in the UI and runs by hand) whose
+logic is a function of the instance and the time, `FreshnessRule.evaluate`:
+- `LastUpdateRule` (Bronze): the table was updated within `max_age` of now.
+- `HourArrivalRule` (Silver, Gold): hour H was materialised after it closed, by H + 1 h + delay, for the
+  latest hour whose deadline has passed (the delay is K2_FRESHNESS_DELAY_MINUTES, read when a check is
+  evaluated, not at import).
 
-This sensor calls the very same check functions (Dagster's, from the declared check definitions)
-inside the code server's sensor evaluation and reports
-their results as runless `AssetCheckEvaluation`s. Like Dagster's sensor it reports a check the first
+Dagster's `build_*_freshness_checks` are superseded by `FreshnessPolicy`, which judges only the latest
+materialisation of any partition: it cannot say that a given hour arrived. K2 states both rules itself.
+
+The sensor evaluates every rule inside the code server's sensor evaluation and reports the results as
+runless `AssetCheckEvaluation`s: a run per evaluation (a run worker plus a step process per check)
+was the largest single cost of K2 idle (bench/README.md, "Live cost"). It reports a check the first
 time, whenever its outcome changes, and again once a passing result's `fresh_until` has passed (the
-moment it could first turn overdue); in between nothing is written. The checks stay declared on their
-assets, so they show in the UI and can still be run by hand.
+moment it could first turn overdue); in between nothing is written.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: Dagster reads the asset check's context annotation.
 
 import json
+import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 import dagster as dg
 
-FRESH_UNTIL = "dagster/fresh_until_timestamp"
+from k2_assets.partitions import HOUR_KEY_FORMAT
+
+CHECK_NAME = "freshness_check"
+FRESH_UNTIL = "fresh_until"
+FRESHNESS_DELAY_SETTING = "K2_FRESHNESS_DELAY_MINUTES"
+DEFAULT_FRESHNESS_DELAY_MINUTES = 20
+HOUR = timedelta(hours=1)
+
+
+def freshness_delay() -> timedelta:
+    """How long after an hour closes its Silver and Gold partitions must exist (K2_FRESHNESS_DELAY_MINUTES)."""
+    raw = os.environ.get(FRESHNESS_DELAY_SETTING, str(DEFAULT_FRESHNESS_DELAY_MINUTES))
+    if not raw.isdigit() or not 0 <= int(raw) <= 59:
+        raise ValueError(
+            f"{FRESHNESS_DELAY_SETTING} must be a whole number of minutes from 0 to 59, not {raw!r}"
+        )
+    return timedelta(minutes=int(raw))
+
+
+def last_update(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str | None = None) -> float | None:
+    """The time of the latest materialisation or observation of `key` (of one partition if given)."""
+    records_filter = dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition] if partition else None)
+    times = [
+        records[0].timestamp
+        for records in (
+            instance.fetch_materializations(records_filter, limit=1).records,
+            instance.fetch_observations(records_filter, limit=1).records,
+        )
+        if records
+    ]
+    return max(times, default=None)
+
+
+def evaluation(
+    key: dg.AssetKey, passed: bool, description: str, metadata: dict, fresh_until: float | None
+) -> dg.AssetCheckEvaluation:
+    if passed and fresh_until is not None:
+        metadata = {**metadata, FRESH_UNTIL: dg.MetadataValue.timestamp(fresh_until)}
+    return dg.AssetCheckEvaluation(
+        asset_key=key,
+        check_name=CHECK_NAME,
+        passed=passed,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata=metadata,
+        description=description,
+    )
+
+
+class FreshnessRule(Protocol):
+    asset_key: dg.AssetKey
+
+    @property
+    def description(self) -> str: ...
+
+    def evaluate(self, instance: dg.DagsterInstance, now: float) -> dg.AssetCheckEvaluation: ...
 
 
 @dataclass(frozen=True)
-class SensorCheckContext:
-    """What Dagster's freshness check functions read from their execution context, taken from a sensor's.
+class LastUpdateRule:
+    """The asset was updated (materialised or observed) within `max_age` of now."""
 
-    `dg.build_asset_check_context` has no job, and the time-partition check reads the asset's partitions
-    from `context.job_def`: the code location's asset job stands in for the run's.
+    asset_key: dg.AssetKey
+    max_age: timedelta
+
+    @property
+    def description(self) -> str:
+        return f"Updated within the last {self.max_age.total_seconds():g} s."
+
+    def evaluate(self, instance: dg.DagsterInstance, now: float) -> dg.AssetCheckEvaluation:
+        updated = last_update(instance, self.asset_key)
+        limit = self.max_age.total_seconds()
+        metadata: dict = {"max_age_seconds": limit}
+        if updated is None:
+            return evaluation(self.asset_key, False, "never updated", metadata, None)
+        metadata["last_updated"] = dg.MetadataValue.timestamp(updated)
+        age = now - updated
+        passed = age <= limit
+        description = (
+            f"last updated {age:.0f} s ago, {'within' if passed else 'past'} the {limit:g} s allowed"
+        )
+        return evaluation(self.asset_key, passed, description, metadata, updated + limit)
+
+
+@dataclass(frozen=True)
+class HourArrivalRule:
+    """Hour H of the asset was materialised after H closed, by H + 1 h + the freshness delay.
+
+    Judged for the latest hour whose deadline has passed. A materialisation made while H was still
+    running (the 5-minute refresh) does not count: only one after the hour closed holds all of it.
     """
 
-    instance: dg.DagsterInstance
-    job_def: dg.JobDefinition
-    selected_asset_check_keys: frozenset[dg.AssetCheckKey]
+    asset_key: dg.AssetKey
 
+    @property
+    def description(self) -> str:
+        return (
+            "The latest hour whose deadline has passed was materialised after it closed, by the end of "
+            f"the hour plus {FRESHNESS_DELAY_SETTING} (default {DEFAULT_FRESHNESS_DELAY_MINUTES})."
+        )
 
-def evaluate(
-    instance: dg.DagsterInstance, job: dg.JobDefinition, checks: Sequence[dg.AssetChecksDefinition]
-) -> Iterator[dg.AssetCheckEvaluation]:
-    """Run each freshness check's own function in this process; its results as check evaluations."""
-    for checks_def in checks:
-        names = {spec.asset_key: spec.name for spec in checks_def.check_specs}
-        context = SensorCheckContext(instance, job, frozenset(checks_def.check_keys))
-        for result in checks_def.node_def.compute_fn.decorated_fn(context):
-            yield dg.AssetCheckEvaluation(
-                asset_key=result.asset_key,
-                check_name=result.check_name or names[result.asset_key],
-                passed=result.passed,
-                metadata=result.metadata,
-                severity=result.severity,
-                description=result.description,
+    def evaluate(self, instance: dg.DagsterInstance, now: float) -> dg.AssetCheckEvaluation:
+        delay = freshness_delay()
+        hour = expected_hour(datetime.fromtimestamp(now, UTC), delay)
+        key = hour.strftime(HOUR_KEY_FORMAT)
+        closed, deadline = hour + HOUR, hour + HOUR + delay
+        metadata: dict = {
+            "expected_partition": key,
+            "deadline": dg.MetadataValue.timestamp(deadline.timestamp()),
+        }
+        updated = last_update(instance, self.asset_key, key)
+        if updated is not None:
+            metadata["last_updated"] = dg.MetadataValue.timestamp(updated)
+        passed = updated is not None and updated >= closed.timestamp()
+        if passed:
+            description = f"hour {key} was materialised after it closed"
+        elif updated is None:
+            description = f"hour {key} is missing: it was due by {deadline:%H:%M} UTC"
+        else:
+            description = (
+                f"hour {key} was only refreshed while running, not completed by {deadline:%H:%M} UTC"
             )
+        return evaluation(self.asset_key, passed, description, metadata, (deadline + HOUR).timestamp())
+
+
+def expected_hour(now: datetime, delay: timedelta) -> datetime:
+    """The latest hour H with H + 1 h + delay <= now."""
+    return (now - HOUR - delay).replace(minute=0, second=0, microsecond=0)
+
+
+def build_freshness_check(rule: FreshnessRule) -> dg.AssetChecksDefinition:
+    """The rule as an asset check of its asset (runnable by hand; the sensor below reports it)."""
+
+    @dg.asset_check(asset=rule.asset_key, name=CHECK_NAME, description=rule.description)
+    def freshness_check(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        return as_check_result(rule.evaluate(context.instance, time.time()))
+
+    return freshness_check
+
+
+def as_check_result(evaluation: dg.AssetCheckEvaluation) -> dg.AssetCheckResult:
+    """A sensor-side evaluation as the result of the same check run by hand."""
+    return dg.AssetCheckResult(
+        passed=evaluation.passed,
+        severity=evaluation.severity,
+        metadata=evaluation.metadata,
+        description=evaluation.description,
+    )
 
 
 def due(evaluation: dg.AssetCheckEvaluation, last: dict | None, now: float) -> bool:
@@ -69,12 +191,12 @@ def fresh_until(evaluation: dg.AssetCheckEvaluation) -> float:
 
 
 def build_freshness_sensor(
-    checks: Sequence[dg.AssetChecksDefinition],
+    rules: Sequence[FreshnessRule],
     name: str,
     minimum_interval_seconds: int,
     default_status: dg.DefaultSensorStatus,
 ) -> dg.SensorDefinition:
-    """A sensor that evaluates `checks` in its own evaluation and reports them without a run."""
+    """A sensor that evaluates `rules` in its own evaluation and reports them without a run."""
 
     @dg.sensor(
         name=name,
@@ -86,12 +208,12 @@ def build_freshness_sensor(
     def freshness_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
         cursor: dict = json.loads(context.cursor or "{}")
         now, events = time.time(), []
-        job = context.repository_def.get_implicit_global_asset_job_def()
-        for evaluation in evaluate(context.instance, job, checks):
-            key = f"{evaluation.asset_key.to_user_string()}:{evaluation.check_name}"
-            if due(evaluation, cursor.get(key), now):
-                events.append(evaluation)
-                cursor[key] = {"passed": evaluation.passed, "until": fresh_until(evaluation)}
+        for rule in rules:
+            result = rule.evaluate(context.instance, now)
+            key = f"{result.asset_key.to_user_string()}:{result.check_name}"
+            if due(result, cursor.get(key), now):
+                events.append(result)
+                cursor[key] = {"passed": result.passed, "until": fresh_until(result)}
         return dg.SensorResult(asset_events=events, cursor=json.dumps(cursor, sort_keys=True))
 
     return freshness_sensor

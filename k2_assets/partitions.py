@@ -3,12 +3,19 @@
 `end_offset=1` makes the running hour a partition, so it can be refreshed during the hour and
 completed after it closes. The partitions start at K2_PARTITIONS_START (default: a recent date), so a
 fresh install does not show years of hours that can never hold data.
+
+K2_PARTITIONS_START is read here, once, at import, and nowhere else: `hourly_partitions` is K2's only
+partitions definition. It stays static (not a resource, not read per run) because the partition keys
+are part of the code location's snapshot, which the code server, the daemon and every run must agree on.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import ParamSpec, TypeVar
 
 import dagster as dg
 
@@ -32,6 +39,31 @@ def partitions_start() -> str:
 
 
 hourly_partitions = dg.HourlyPartitionsDefinition(start_date=partitions_start(), end_offset=1, timezone="UTC")
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def accepting_beta(build: Callable[P, T]) -> Callable[P, T]:
+    """`build`, called without the BetaWarning of a beta parameter K2 relies on knowingly.
+
+    Two partition features K2 needs are beta in Dagster 1.13 with no GA equivalent: an asset's
+    `backfill_policy` (a range of hours as one run) and `allow_nonexistent_upstream_partitions` (the
+    running hour reading the hour after it, which does not exist yet). Only those two parameters' warnings
+    are accepted, only around the call that passes them; any other warning still shows.
+    """
+
+    def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore",
+                message=r"Parameter `(backfill_policy|allow_nonexistent_upstream_partitions)`",
+                category=dg.BetaWarning,
+            )
+            return build(*args, **kwargs)
+
+    return call
 
 
 def hour_start(key: str) -> datetime:
@@ -76,13 +108,4 @@ def hourly_automation(complete_at_minute: int) -> dg.AutomationCondition:
     return ((refresh | completion_due) & quiet & inputs_sound).with_label(
         f"refresh the running hour every 5 min; complete each closed hour from :{complete_at_minute:02d} "
         "once nothing it depends on is in progress"
-    )
-
-
-def hourly_freshness_checks(keys: list[dg.AssetKey]) -> list[dg.AssetChecksDefinition]:
-    """The latest closed hour of each asset is materialised within K2_FRESHNESS_DELAY_MINUTES of closing."""
-    from k2_assets.resources import freshness_deadline_cron
-
-    return list(
-        dg.build_time_partition_freshness_checks(assets=keys, deadline_cron=freshness_deadline_cron())
     )

@@ -100,12 +100,12 @@ def drain_bronze(instance: dg.DagsterInstance, log: RunLog) -> None:
 def materialize_range(instance: dg.DagsterInstance, log: RunLog, keys: list, first: str, last: str) -> None:
     """One single-run backfill of `keys` over [first, last], as the UI's backfill would launch it."""
     from dagster import AssetKey
-    from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
     from k2_assets.definitions import defs
+    from k2_assets.operations.alerts import RANGE_END_TAG, RANGE_START_TAG
 
     job = defs.resolve_implicit_global_asset_job_def()
-    tags = {ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last}
+    tags = {RANGE_START_TAG: first, RANGE_END_TAG: last}
     selection = [k if isinstance(k, AssetKey) else AssetKey.from_user_string(k) for k in keys]
     result = job.execute_in_process(
         instance=instance, asset_selection=selection, tags=tags, raise_on_error=False

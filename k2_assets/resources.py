@@ -27,19 +27,6 @@ def automation_status() -> dg.DefaultSensorStatus:
     return dg.DefaultSensorStatus.RUNNING if value == "on" else dg.DefaultSensorStatus.STOPPED
 
 
-FRESHNESS_DELAY_SETTING = "K2_FRESHNESS_DELAY_MINUTES"
-
-
-def freshness_deadline_cron() -> str:
-    """An hour's Silver and Gold partitions must exist this many minutes after it closes (default 20)."""
-    raw = os.environ.get(FRESHNESS_DELAY_SETTING, "20")
-    if not raw.isdigit() or not 0 <= int(raw) <= 59:
-        raise ValueError(
-            f"{FRESHNESS_DELAY_SETTING} must be a whole number of minutes from 0 to 59, not {raw!r}"
-        )
-    return f"{int(raw)} * * * *"
-
-
 def schedule_status() -> dg.DefaultScheduleStatus:
     return dg.DefaultScheduleStatus(automation_status().value)
 

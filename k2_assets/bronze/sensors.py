@@ -165,7 +165,9 @@ def build_ingestion_sensor(exchange: ExchangeConfig) -> dg.SensorDefinition:
 
     @dg.sensor(
         name=f"bronze_{exchange.name}_ingestion_sensor",
-        job=job,
+        # By name (the job is in the Definitions): a sensor holding the job object is copied when
+        # Dagster binds resources to it, and that copy warns (BetaWarning on `owners`, Dagster 1.13.27).
+        job_name=job.name,
         minimum_interval_seconds=30,
         default_status=automation_status(),
         description=f"Keeps one {job.name} run alive: backs off after failures, halts on one that needs a person.",

@@ -13,6 +13,7 @@ import time
 import dagster as dg
 
 from k2_assets.bronze.assets import kafka_topic_key
+from k2_assets.freshness import as_check_result
 from k2_resources.exchanges import EXCHANGES, ExchangeConfig
 
 FRESH_CHECK = "feed_symbols_fresh"
@@ -75,13 +76,7 @@ def build_freshness_check(exchange: ExchangeConfig) -> dg.AssetChecksDefinition:
         "per the feed's latest observation of the topic.",
     )
     def feed_symbols_fresh(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        evaluation = freshness_evaluation(context.instance, exchange)
-        return dg.AssetCheckResult(
-            passed=evaluation.passed,
-            severity=evaluation.severity,
-            metadata=evaluation.metadata,
-            description=evaluation.description,
-        )
+        return as_check_result(freshness_evaluation(context.instance, exchange))
 
     return feed_symbols_fresh
 

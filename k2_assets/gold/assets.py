@@ -34,7 +34,7 @@ from k2_assets.gold.dedup import (
     without_removed_sql,
 )
 from k2_assets.gold.tables import DEDUP_AUDIT_TABLE_SPEC, GOLD_TABLE_SPEC
-from k2_assets.partitions import hourly_automation, hourly_partitions
+from k2_assets.partitions import accepting_beta, hourly_automation, hourly_partitions
 from k2_assets.silver.assets import IO_MANAGER_KEY, silver_asset_key
 from k2_assets.silver.tables import silver_table_spec, v2_fields
 from k2_resources.engine import EngineResource
@@ -211,14 +211,14 @@ class GoldStream:
         }
 
 
-@dg.asset(
+@accepting_beta(dg.asset)(
     key=GOLD_KEY,
     partitions_def=hourly_partitions,
     backfill_policy=dg.BackfillPolicy.single_run(),
     deps=[
         dg.AssetDep(
             silver_asset_key(e),
-            partition_mapping=dg.TimeWindowPartitionMapping(
+            partition_mapping=accepting_beta(dg.TimeWindowPartitionMapping)(
                 start_offset=0, end_offset=1, allow_nonexistent_upstream_partitions=True
             ),
         )
