@@ -166,6 +166,17 @@ def connect_server_args(catalog_name: str, properties: dict[str, str], port: int
     return [*args, "spark-internal"]
 
 
+def discard_stopped_context() -> None:
+    """Forget a SparkContext the JVM has stopped on its own (Spark stops it when it gives up on an
+    unreachable master): PySpark still holds it as the active context, so the process's next session
+    would be built on it and fail ("Cannot call methods on a stopped SparkContext")."""
+    from pyspark import SparkContext
+
+    context = SparkContext._active_spark_context
+    if context is not None and context._jsc is not None and context._jsc.sc().isStopped():
+        context.stop()
+
+
 class IcebergSparkResource(LazyPySparkResource):
     """A lazily started SparkSession whose Iceberg catalog is K2's catalog (see the module docstring).
 
@@ -237,6 +248,7 @@ class IcebergSparkResource(LazyPySparkResource):
             if not self.remote:
                 # PySpark starts local Python workers with $PYSPARK_PYTHON (default: python3 on the PATH).
                 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+                discard_stopped_context()
             self._spark_session = spark_session_from_config(self.full_config())
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
