@@ -40,9 +40,10 @@ run: install ## run the whole pipeline end to end on the embedded default
 # Two workers, one test file each at a time (module fixtures stay whole): most tests wait on brokers,
 # Dagster daemons and subprocesses, so two run in little more than the time of one.
 test: system-deps install ## run the test suite against real parts
-	$(BIN)/pytest -q -n 2 --dist loadfile --durations=25 -m "not spark_e2e"
+	$(BIN)/pytest -q -n 2 --dist loadfile --durations=25
 
-# Whole pipelines on Spark local[2]: the engine differential test and a Spark run through `dagster job launch`.
+# Only the whole pipelines on Spark local[2] (also in `make test`): the engine differential test and
+# Spark runs through `dagster job launch`.
 test-spark: system-deps install
 	$(BIN)/pytest -q -m spark_e2e --durations=0
 

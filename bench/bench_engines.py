@@ -14,7 +14,7 @@ the stage metrics: per stage the tasks, their summed executor time and the longe
 of the work across tasks is measured, not guessed; task time / job wall time is the parallelism Spark
 achieved on the two cores.
 
-    .venv/bin/python bench/bench_engines.py [--records 200000] [--commits 20]
+    .venv/bin/python bench/bench_engines.py [--records 200000] [--commits 20] [--no-decode]
 
 Prints figures and ratios; asserts nothing. Needs root (cgroups).
 """
@@ -58,8 +58,15 @@ def bronze_commits(records: int, commits: int, schema_id: int, hour: datetime, s
     from k2_assets.bronze.tables import bronze_table_spec
     from k2_resources.exchanges import exchange
 
-    spec, binance, rng = bronze_table_spec(exchange("binance")).arrow_schema, exchange("binance"), random.Random(seed)
-    first, spacing = hour - timedelta(seconds=72), timedelta(seconds=3540 / records)  # ~2 % in the hour before
+    spec, binance, rng = (
+        bronze_table_spec(exchange("binance")).arrow_schema,
+        exchange("binance"),
+        random.Random(seed),
+    )
+    first, spacing = (
+        hour - timedelta(seconds=72),
+        timedelta(seconds=3540 / records),
+    )  # ~2 % in the hour before
     trades = framed_trades(records, schema_id, first, spacing, seed=seed)
     values = []
     for trade in trades:
@@ -85,7 +92,8 @@ def bronze_commits(records: int, commits: int, schema_id: int, hour: datetime, s
                     "partition": pa.array([0] * n, pa.int32()),
                     "offset": pa.array(range(offset, offset + n), pa.int64()),
                     "kafka_timestamp": pa.array(
-                        [datetime.fromtimestamp(t / 1000, UTC) for _, _, t in chunk], pa.timestamp("us", tz="UTC")
+                        [datetime.fromtimestamp(t / 1000, UTC) for _, _, t in chunk],
+                        pa.timestamp("us", tz="UTC"),
                     ),
                     "ingestion_timestamp": pa.array([ingested] * n, pa.timestamp("us", tz="UTC")),
                     "ingestion_date": pa.array([ingested.date()] * n, pa.date32()),
@@ -104,7 +112,11 @@ def write_bronze(home: Path, commits: list[Any]) -> None:
     from k2_resources.iceberg import IcebergCatalogResource
 
     (home / "warehouse").mkdir(parents=True, exist_ok=True)
-    properties = {"type": "sql", "uri": f"sqlite:///{home}/catalog.db", "warehouse": f"file://{home}/warehouse"}
+    properties = {
+        "type": "sql",
+        "uri": f"sqlite:///{home}/catalog.db",
+        "warehouse": f"file://{home}/warehouse",
+    }
     table = IcebergCatalogResource(properties=properties).ensure_table(bronze_table_spec(exchange("binance")))
     for rows in commits:
         table.append(rows)
@@ -185,19 +197,26 @@ def stage_metrics(event_dir: Path) -> dict[str, Any]:
                 job_wall += (event["Completion Time"] - starts[event["Job ID"]]) / 1000
             elif kind == "SparkListenerStageCompleted":
                 info = event["Stage Info"]
-                stages[(log.name, info["Stage ID"])] = {"name": info["Stage Name"].split(" at ")[0], "tasks": info["Number of Tasks"]}
+                stages[(log.name, info["Stage ID"])] = {
+                    "name": info["Stage Name"].split(" at ")[0],
+                    "tasks": info["Number of Tasks"],
+                }
             elif kind == "SparkListenerTaskEnd" and event.get("Task Metrics"):
                 metrics = event["Task Metrics"]
                 key = (log.name, event["Stage ID"])
                 tasks[key].append(metrics["Executor Run Time"] / 1000)
                 stage = stages.setdefault(key, {"name": "?", "tasks": 0})
                 stage["records_in"] = stage.get("records_in", 0) + metrics["Input Metrics"]["Records Read"]
-                stage["records_out"] = stage.get("records_out", 0) + metrics["Output Metrics"]["Records Written"]
+                stage["records_out"] = (
+                    stage.get("records_out", 0) + metrics["Output Metrics"]["Records Written"]
+                )
     rows = []
     for key, stage in sorted(stages.items()):
         durations = tasks.get(key, [])
         if durations:
-            rows.append({**stage, "task_s": sum(durations), "max_task_s": max(durations), "ran": len(durations)})
+            rows.append(
+                {**stage, "task_s": sum(durations), "max_task_s": max(durations), "ran": len(durations)}
+            )
     return {"stages": rows, "job_wall_s": job_wall, "task_s": sum(r["task_s"] for r in rows)}
 
 
@@ -250,13 +269,18 @@ def decode_child(bronze_path: str, registry: str, schema_id: str) -> None:
         timings["from_avro"] = time.perf_counter() - started
     schema = routed_schema(from_arrow_schema(SILVER_ARROW_SCHEMA), from_arrow_schema(DLQ_ARROW_SCHEMA))
     snapshot = RegistrySnapshot.fetch(SchemaRegistryClient({"url": registry}), [int(schema_id)])
-    task = RouteTask(exchange("binance"), snapshot, ValidationRules(), "bench", datetime.now(UTC), to_arrow_schema(schema))
+    task = RouteTask(
+        exchange("binance"), snapshot, ValidationRules(), "bench", datetime.now(UTC), to_arrow_schema(schema)
+    )
     routed = bronze.mapInArrow(task, schema)
     for _ in range(2):
         started = time.perf_counter()
         (dlq,) = routed.agg(F.count(F.when(F.col("k2_kind") == "dlq", 1))).collect()[0]
         timings["mapInArrow"] = time.perf_counter() - started
-    print(json.dumps({"rows": rows, "seconds": timings, "from_avro_nulls": nulls, "routed_dlq": dlq}), flush=True)
+    print(
+        json.dumps({"rows": rows, "seconds": timings, "from_avro_nulls": nulls, "routed_dlq": dlq}),
+        flush=True,
+    )
     spark.stop()
 
 
@@ -267,7 +291,14 @@ def decode_comparison(scratch: Path, commits: list[Any], registry_url: str, sche
     path = scratch / "bronze-values.parquet"
     pq.write_table(pa.concat_tables(commits), path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("K2_")}
-    args = [sys.executable, str(Path(__file__).resolve()), "--decode-child", str(path), registry_url, str(schema_id)]
+    args = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--decode-child",
+        str(path),
+        registry_url,
+        str(schema_id),
+    ]
     result, cpu = run_measured(args, env)
     if result.returncode != 0:
         raise RuntimeError(result.stderr[-4000:])
@@ -292,10 +323,24 @@ def summary_rows(result: ChildResult) -> dict[str, Any]:
     return {"rows": rows, "engines": sorted(e for e in engines if e), "checks": checks}
 
 
-def measure(engine: str, home: Path, env: dict[str, str], hour: datetime) -> dict[str, Any]:
+def file_layer_logs(events: Path, layer: str) -> None:
+    """Move the Spark event logs written so far (one per application) under events/<layer>/, so the
+    stage split is reported per layer."""
+    target = events / layer
+    target.mkdir(exist_ok=True)
+    for log in events.iterdir():
+        if log.is_file():
+            log.rename(target / log.name)
+
+
+def measure(engine: str, home: Path, env: dict[str, str], hour: datetime, events: Path) -> dict[str, Any]:
     figures = {}
     for layer, keys in (("silver", SILVER_KEYS), ("gold", GOLD_KEYS)):
-        result, cpu = run_measured(dagster_child_args(select=keys, partition=hour.strftime(HOUR_KEY_FORMAT)), env)
+        result, cpu = run_measured(
+            dagster_child_args(select=keys, partition=hour.strftime(HOUR_KEY_FORMAT)), env
+        )
+        if engine == "spark":
+            file_layer_logs(events, layer)
         steps = result.step_seconds()
         figures[layer] = {
             "wall_s": result.wall_seconds,
@@ -304,7 +349,10 @@ def measure(engine: str, home: Path, env: dict[str, str], hour: datetime) -> dic
             "peak_tree_rss_mb": result.peak_tree_rss_mb,
             **summary_rows(result),
         }
-        print(f"  {engine:8} {layer:6} wall {result.wall_seconds:6.1f} s, steps {steps}, CPU {cpu:6.1f} s", flush=True)
+        print(
+            f"  {engine:8} {layer:6} wall {result.wall_seconds:6.1f} s, steps {steps}, CPU {cpu:6.1f} s",
+            flush=True,
+        )
     return figures
 
 
@@ -330,6 +378,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=200_000)
     parser.add_argument("--commits", type=int, default=20)
+    parser.add_argument(
+        "--no-decode", action="store_true", help="skip the from_avro/mapInArrow decode comparison"
+    )
     parser.add_argument("--decode-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.decode_child:
@@ -346,10 +397,14 @@ def main() -> None:
     server = start_registry_server(SchemaStore())
     try:
         with SchemaRegistryClient({"url": server.url}) as client:
-            schema_id = client.register_schema(exchange("binance").subject, Schema(trade_v2_schema_str(), "AVRO"))
+            schema_id = client.register_schema(
+                exchange("binance").subject, Schema(trade_v2_schema_str(), "AVRO")
+            )
         commits = bronze_commits(args.records, args.commits, schema_id, hour)
         bronze_rows = sum(t.num_rows for t in commits)
-        print(f"Bronze: {bronze_rows:,} rows in {len(commits)} commits, ingestion hour {hour:%Y-%m-%d %H:00} UTC")
+        print(
+            f"Bronze: {bronze_rows:,} rows in {len(commits)} commits, ingestion hour {hour:%Y-%m-%d %H:00} UTC"
+        )
         print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
         results = {}
         with tempfile.TemporaryDirectory(prefix="k2-bench-engines-") as tmp:
@@ -359,12 +414,19 @@ def main() -> None:
             for engine in ENGINES:
                 home = scratch / engine
                 write_bronze(home, commits)
-                results[engine] = measure(engine, home, child_env(home, engine, server.url, conf), hour)
-            results["spark"]["stages"] = stage_metrics(events)
-            try:
-                results["decode"] = decode_comparison(scratch, commits, server.url, schema_id)
-            except (RuntimeError, TimeoutError) as err:  # the engines' figures stand without it
-                results["decode"] = {"error": str(err)[-2000:]}
+                results[engine] = measure(
+                    engine, home, child_env(home, engine, server.url, conf), hour, events
+                )
+            results["spark"]["stages"] = {
+                layer: stage_metrics(events / layer) for layer in ("silver", "gold")
+            }
+            if args.no_decode:
+                results["decode"] = {"error": "not run (--no-decode)"}
+            else:
+                try:
+                    results["decode"] = decode_comparison(scratch, commits, server.url, schema_id)
+                except (RuntimeError, TimeoutError) as err:  # the engines' figures stand without it
+                    results["decode"] = {"error": str(err)[-2000:]}
         report(results, bronze_rows)
     finally:
         server.shutdown()
@@ -375,8 +437,12 @@ def report(results: dict[str, Any], bronze_rows: int) -> None:
     print()
     for layer in ("silver", "gold"):
         same = embedded[layer]["rows"] == spark[layer]["rows"]
-        print(f"{layer}: rows embedded {embedded[layer]['rows']} / spark {spark[layer]['rows']} -> {'same' if same else 'DIFFERENT'}")
-        print(f"  engines recorded: embedded {embedded[layer]['engines']}, spark {spark[layer]['engines']}; checks {spark[layer]['checks']}")
+        print(
+            f"{layer}: rows embedded {embedded[layer]['rows']} / spark {spark[layer]['rows']} -> {'same' if same else 'DIFFERENT'}"
+        )
+        print(
+            f"  engines recorded: embedded {embedded[layer]['engines']}, spark {spark[layer]['engines']}; checks {spark[layer]['checks']}"
+        )
     print()
     print(f"{'':8} {'layer':6} {'step s':>8} {'rec/s':>9} {'wall s':>8} {'CPU s':>8} {'peak RSS MB':>12}")
     for engine in ENGINES:
@@ -407,19 +473,26 @@ def report(results: dict[str, Any], bronze_rows: int) -> None:
             f"{decode['from_avro_nulls']:,} null structs without a reason, mapInArrow routed "
             f"{decode['routed_dlq']:,} to the DLQ with categories"
         )
-    metrics = spark["stages"]
+    for layer, metrics in spark["stages"].items():
+        print_stage_split(layer, metrics)
+
+
+def print_stage_split(layer: str, metrics: dict[str, Any]) -> None:
+    """How one layer's Spark work split into stages and tasks, from its applications' event logs."""
     print()
     print(
-        f"Spark jobs: {metrics['job_wall_s']:.1f} s of job wall time, {metrics['task_s']:.1f} s of task time "
-        f"(parallelism {metrics['task_s'] / max(metrics['job_wall_s'], 1e-9):.2f} on local[2])"
+        f"Spark {layer}: {len(metrics['stages'])} stages, {metrics['job_wall_s']:.1f} s of job wall time, "
+        f"{metrics['task_s']:.1f} s of task time (parallelism {metrics['task_s'] / max(metrics['job_wall_s'], 1e-9):.2f} "
+        "on local[2])"
     )
-    print(f"  {'stage':40} {'tasks':>5} {'task s':>8} {'max task s':>10} {'records in':>11} {'records out':>11}")
+    print(
+        f"  {'stage':40} {'tasks':>5} {'task s':>8} {'max task s':>10} {'records in':>11} {'records out':>11}"
+    )
     for stage in metrics["stages"]:
-        if stage["task_s"] >= 0.5:
-            print(
-                f"  {stage['name'][:40]:40} {stage['ran']:5} {stage['task_s']:8.1f} {stage['max_task_s']:10.1f} "
-                f"{stage.get('records_in', 0):11,} {stage.get('records_out', 0):11,}"
-            )
+        print(
+            f"  {stage['name'][:40]:40} {stage['ran']:5} {stage['task_s']:8.1f} {stage['max_task_s']:10.1f} "
+            f"{stage.get('records_in', 0):11,} {stage.get('records_out', 0):11,}"
+        )
 
 
 if __name__ == "__main__":

@@ -15,12 +15,13 @@ into a Dagster step failure carrying the driver's error.
 
 # No `from __future__ import annotations`: Dagster resolves resource field annotations at class creation.
 
+import dataclasses
 import os
 import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import dagster as dg
@@ -34,14 +35,15 @@ EMBEDDED, SPARK = "embedded", "spark"
 ENGINES = (EMBEDDED, SPARK)
 ENGINE_METADATA = "engine"  # materialisation metadata: which engine computed and wrote the partition
 ENGINE_SUMMARY = "k2.engine"  # the same, in the Iceberg snapshot summary
-# Spark settings of the engine's jobs (runtime SQL settings, so Spark Connect honours them too):
+# Spark settings of the engine's jobs (shuffle partitions and AQE come from IcebergSparkResource):
 # - Arrow batches of 50K rows into and out of the Python tasks: bounded memory per task (a batch of
-#   Bronze and its Silver and DLQ rows), large enough that per-batch costs vanish;
-# - shuffle partitions for Gold's window functions: AQE coalesces them to what the data needs.
+#   Bronze and its Silver and DLQ rows), large enough that per-batch costs vanish (a runtime setting);
+# - Python workers forked from a daemon that has imported Silver's task code once: each worker would
+#   otherwise import it itself (Dagster, PyIceberg, pandas: ~5 s of CPU per worker, per Spark
+#   application). A static setting, which a Spark Connect server holds (SERVER_ONLY).
 ENGINE_SPARK_CONFIG = {
     "spark.sql.execution.arrow.maxRecordsPerBatch": "50000",
-    "spark.sql.shuffle.partitions": "16",
-    "spark.sql.adaptive.enabled": "true",
+    "spark.python.daemon.module": "k2_assets.silver.spark_daemon",
 }
 MAX_ERROR_LINES = 30  # a Spark failure's driver error, as much as a step failure message can carry
 
@@ -72,7 +74,9 @@ class EngineResource(dg.ConfigurableResource):
     @property
     def on_spark(self) -> bool:
         if self.engine not in ENGINES:
-            raise ValueError(f"engine ({ENGINE_SETTING}) must be one of {', '.join(ENGINES)}, not {self.engine!r}")
+            raise ValueError(
+                f"engine ({ENGINE_SETTING}) must be one of {', '.join(ENGINES)}, not {self.engine!r}"
+            )
         return self.engine == SPARK
 
     @property
@@ -156,6 +160,11 @@ def _spark_literal(field_type: Any, moment: datetime) -> Any:
     return F.lit(moment)
 
 
+AT_WRITE = "at-write"  # replace_scope's default: validate from the table's snapshot when the write starts
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MAX_WIDENINGS = 100
+
+
 def replace_scope(
     frame: Any,
     catalog_name: str,
@@ -163,28 +172,102 @@ def replace_scope(
     scope: RowScope,
     properties: Mapping[str, str],
     iceberg: IcebergCatalogResource,
+    validate_from: int | None | str = AT_WRITE,
 ) -> WriteReport:
     """Replace exactly the rows of `scope` with `frame`, in one Iceberg commit made by Spark.
 
     `DataFrameWriterV2.overwrite(condition)` is Iceberg's overwrite-by-filter: one snapshot that
     deletes the scope's data files and adds the new ones, the same single commit the embedded engine
     makes. Its summary carries `properties` and `k2.engine=spark`. With serializable isolation from
-    the table's snapshot before the write, a concurrent commit of rows in the same scope fails this
-    one (Iceberg's ValidationException, a step failure to retry) instead of being overwritten by data
-    computed without it.
+    `validate_from` (the snapshot the caller pinned before computing `frame`, None for a table that
+    was empty then; by default the table's snapshot when the write starts), a commit of rows in the
+    same scope since then fails this one (Iceberg's ValidationException: `is_write_conflict`) instead
+    of being overwritten by data computed without it.
+
+    Overwrite-by-filter can only drop whole files. A data file holding rows inside and outside the
+    scope (compaction merges a day's hours into one file) would fail it, where PyIceberg rewrites
+    such a file in the same commit; so does this: the filter is widened to whole files
+    (`whole_file_scope`) and the rows the widened filter takes outside the scope are written back
+    unchanged, read at the snapshot the widening was planned on, in the same single commit.
     """
-    before = iceberg.load_table(spec).current_snapshot()
+    from pyspark.sql import functions as F
+
+    table = iceberg.load_table(spec)
+    planned = table.current_snapshot()
+    if validate_from == AT_WRITE:
+        validate_from = planned.snapshot_id if planned is not None else None
+    wide = whole_file_scope(table, spec, scope) if planned is not None else scope
+    kept, carried = None, 0
+    if wide != scope:
+        kept = read_snapshot(frame.sparkSession, catalog_name, spec, planned.snapshot_id)
+        outside = ~F.coalesce(scope_condition(spec, scope), F.lit(False))  # a null slice is outside too
+        kept = kept.where(scope_condition(spec, wide) & outside).persist()
+        carried = kept.count()
+        frame = frame.unionByName(kept)
     writer = frame.writeTo(spark_table(catalog_name, spec)).option("check-nullability", "false")
-    if before is not None:
-        writer = writer.option("isolation-level", "serializable")
-        writer = writer.option("validate-from-snapshot-id", str(before.snapshot_id))
+    writer = writer.option("isolation-level", "serializable")
+    if validate_from is not None:
+        writer = writer.option("validate-from-snapshot-id", str(validate_from))
     for key, value in {**properties, ENGINE_SUMMARY: SPARK}.items():
         writer = writer.option(f"snapshot-property.{key}", value)
-    writer.overwrite(scope_condition(spec, scope))
-    return committed_report(iceberg, spec, properties)
+    try:
+        writer.overwrite(scope_condition(spec, wide))
+    finally:
+        if kept is not None:
+            kept.unpersist()
+    report = committed_report(iceberg, spec, properties)
+    return dataclasses.replace(report, rows=report.rows - carried)
 
 
-def committed_report(iceberg: IcebergCatalogResource, spec: TableSpec, properties: Mapping[str, str]) -> WriteReport:
+def whole_file_scope(table: Any, spec: TableSpec, scope: RowScope) -> RowScope:
+    """The smallest scope containing `scope` whose filter takes every data file wholly or not at all:
+    widened to the time bounds of each file it touches (to whole seconds), and without the slice when
+    a file it touches holds other slices; repeated until no file straddles it."""
+    if scope.start is None or scope.end is None:
+        return scope
+    time_field = table.schema().find_field(spec.time_column)
+    slice_field = table.schema().find_field(spec.slice_column) if scope.slice_value is not None else None
+    lo, hi, slice_value = _micros(scope.start), _micros(scope.end), scope.slice_value
+    for _ in range(MAX_WIDENINGS):
+        current = RowScope(_moment(lo), _moment(hi), slice_value)
+        widened = (lo, hi, slice_value)
+        for task in table.scan(row_filter=current.expression(spec, table)).plan_files():
+            first, last = _bounds(task.file, time_field)
+            if first is None or last is None:
+                return scope  # no statistics to widen by: Iceberg decides (and refuses a straddling file)
+            lo, hi = min(lo, first // 1_000_000 * 1_000_000), max(hi, (last // 1_000_000 + 1) * 1_000_000)
+            if slice_field is not None and slice_value is not None:
+                low, high = _bounds(task.file, slice_field)
+                if not (low == high == slice_value):
+                    slice_value = None
+        if (lo, hi, slice_value) == widened:
+            return current
+    raise RuntimeError(f"{spec.identifier}: no whole-file scope around {scope.describe()}")
+
+
+def _bounds(data_file: Any, field: Any) -> tuple[Any, Any]:
+    from pyiceberg.conversions import from_bytes
+
+    low, high = (
+        (data_file.lower_bounds or {}).get(field.field_id),
+        (data_file.upper_bounds or {}).get(field.field_id),
+    )
+    if low is None or high is None:
+        return None, None
+    return from_bytes(field.field_type, low), from_bytes(field.field_type, high)
+
+
+def _micros(moment: datetime) -> int:
+    return (moment - EPOCH) // timedelta(microseconds=1)
+
+
+def _moment(micros: int) -> datetime:
+    return EPOCH + timedelta(microseconds=micros)
+
+
+def committed_report(
+    iceberg: IcebergCatalogResource, spec: TableSpec, properties: Mapping[str, str]
+) -> WriteReport:
     """Rows and files of the newest snapshot carrying `properties` (the commit Spark just made)."""
     table = iceberg.load_table(spec)
     for snapshot in sorted(table.snapshots(), key=lambda s: s.timestamp_ms, reverse=True):
@@ -195,7 +278,28 @@ def committed_report(iceberg: IcebergCatalogResource, spec: TableSpec, propertie
                 data_files=int(summary.get("added-data-files", 0)),
                 snapshot_id=snapshot.snapshot_id,
             )
-    raise RuntimeError(f"Spark reported a write to {spec.identifier} but no snapshot carries {dict(properties)}")
+    raise RuntimeError(
+        f"Spark reported a write to {spec.identifier} but no snapshot carries {dict(properties)}"
+    )
+
+
+# Iceberg's answers to a commit that met a concurrent one: recompute, never re-commit stale data.
+WRITE_CONFLICT_ERRORS = (
+    "org.apache.iceberg.exceptions.ValidationException",
+    "org.apache.iceberg.exceptions.CommitFailedException",
+)
+
+
+def is_write_conflict(err: BaseException) -> bool:
+    """Whether a failed Spark write lost to a concurrent commit of the same rows: Iceberg's exception
+    anywhere in the JVM's cause chain (PySpark wraps it in whichever Python class it maps the top to)."""
+    # Py4JJavaError keeps the JVM's exception as `java_exception`, PySpark's CapturedException as `_origin`.
+    cause = getattr(err, "java_exception", None) or getattr(err, "_origin", None)
+    names, depth = [str(err)], 0
+    while cause is not None and depth < 20:
+        names.append(str(cause.getClass().getName()))
+        cause, depth = cause.getCause(), depth + 1
+    return any(conflict in name for name in names for conflict in WRITE_CONFLICT_ERRORS)
 
 
 ROOT_CAUSE = re.compile(r"^(?::\s*)?(?:Caused by: )?([\w.$]+(?:Error|Exception|Invalid)\b.*)$")

@@ -25,6 +25,7 @@ pyproject.toml. A Spark Connect server resolves its own jars and holds the stati
 # No `from __future__ import annotations`: Dagster resolves resource field annotations at class creation.
 
 import os
+import re
 import sys
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -49,14 +50,45 @@ POSTGRESQL_JDBC = "org.postgresql:postgresql:42.7.8"
 
 # Settings a Spark Connect client cannot change: the Connect server starts with them
 # (`connect_server_args`).
-SERVER_ONLY = ("spark.jars.packages", "spark.sql.extensions", "spark.driver.memory", "spark.pyspark.python")
+SERVER_ONLY = (
+    "spark.jars.packages",
+    "spark.sql.extensions",
+    "spark.driver.memory",
+    "spark.pyspark.python",
+    "spark.python.daemon.module",
+)
 
 SPARK_MASTER_SETTING = "K2_SPARK_MASTER"
 SPARK_REMOTE_SETTING = "K2_SPARK_REMOTE"
 DEFAULT_MASTER = "local[*]"
+# Shuffle partitions: on a local master, this many per core (AQE coalesces them further to what the data
+# needs); on a cluster, whose size K2 cannot see, Spark's own default.
+SHUFFLE_PARTITIONS_PER_LOCAL_CORE = 2
+LOCAL_MASTER = re.compile(r"local(?:\[(\*|\d+)(?:,\s*\d+)?\])?")
 
 # PyIceberg properties that mean something else (or nothing) to Iceberg's Java catalogs.
 _TRANSLATED = {"type", "uri", "py-io-impl", "echo", "pool_pre_ping", "init_catalog_tables"}
+
+
+def local_cores(master: str) -> int | None:
+    """The cores a local master runs tasks on (`local`, `local[N]`, `local[*]`, `local[N,F]`); None for
+    a cluster master."""
+    matched = LOCAL_MASTER.fullmatch(master.strip())
+    if matched is None:
+        return None
+    cores = matched.group(1)
+    if cores is None:
+        return 1
+    return os.cpu_count() or 1 if cores == "*" else int(cores)
+
+
+def shuffle_settings(master: str) -> dict[str, str]:
+    """Shuffle partitions for `master`: Spark's 200 per shuffle on a 2-core local run is 200 tasks of
+    a few rows each (scheduling, not work); a cluster keeps Spark's default."""
+    cores = local_cores(master)
+    if cores is None:
+        return {}
+    return {"spark.sql.shuffle.partitions": str(SHUFFLE_PARTITIONS_PER_LOCAL_CORE * cores)}
 
 
 class SparkConfigError(ValueError):
@@ -134,6 +166,17 @@ def connect_server_args(catalog_name: str, properties: dict[str, str], port: int
     return [*args, "spark-internal"]
 
 
+def discard_stopped_context() -> None:
+    """Forget a SparkContext the JVM has stopped on its own (Spark stops it when it gives up on an
+    unreachable master): PySpark still holds it as the active context, so the process's next session
+    would be built on it and fail ("Cannot call methods on a stopped SparkContext")."""
+    from pyspark import SparkContext
+
+    context = SparkContext._active_spark_context
+    if context is not None and context._jsc is not None and context._jsc.sc().isStopped():
+        context.stop()
+
+
 class IcebergSparkResource(LazyPySparkResource):
     """A lazily started SparkSession whose Iceberg catalog is K2's catalog (see the module docstring).
 
@@ -190,19 +233,22 @@ class IcebergSparkResource(LazyPySparkResource):
             "spark.sql.session.timeZone": "UTC",
             # Expiry and orphan removal hold a table's file lists in the driver (local mode: all of Spark).
             "spark.driver.memory": "2g",
-            # Maintenance shuffles file lists, not data: Spark's 200 partitions only add task overhead.
-            "spark.sql.shuffle.partitions": "8",
+            # Adaptive execution coalesces small shuffle partitions and picks join strategies at run time.
+            "spark.sql.adaptive.enabled": "true",
+            **({} if self.remote else shuffle_settings(self.master)),
             **iceberg_spark_config(self.catalog_name, self.catalog_properties()),
         }
-        if self.remote:
-            base = {k: v for k, v in base.items() if k not in SERVER_ONLY}
-        return {**base, **self.spark_config}
+        config = {**base, **self.spark_config}
+        if self.remote:  # the Connect server holds these; a client setting them fails the session
+            config = {k: v for k, v in config.items() if k not in SERVER_ONLY}
+        return config
 
     def _init_session(self) -> None:
         if self._spark_session is None:
             if not self.remote:
                 # PySpark starts local Python workers with $PYSPARK_PYTHON (default: python3 on the PATH).
                 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+                discard_stopped_context()
             self._spark_session = spark_session_from_config(self.full_config())
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:

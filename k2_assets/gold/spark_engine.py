@@ -20,11 +20,15 @@ The checks are the embedded engine's own, evaluated on what was committed.
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import dagster as dg
+from py4j.protocol import Py4JError
+from pyspark.errors import PySparkException
 
 from k2_assets.gold.assets import (
     GOLD_KEY,
@@ -55,6 +59,7 @@ from k2_resources.engine import (
     SPARK,
     CommittedWrite,
     EngineResource,
+    is_write_conflict,
     read_snapshot,
     replace_scope,
     spark_failures,
@@ -62,7 +67,7 @@ from k2_resources.engine import (
 )
 from k2_resources.exchanges import EXCHANGES
 from k2_resources.iceberg import IcebergCatalogResource, TableSpec
-from k2_resources.io_manager import RowScope, read_scope, write_metadata
+from k2_resources.io_manager import MAX_RECOMPUTES, RowScope, WriteReport, read_scope, write_metadata
 
 HOUR = "k2_event_hour"  # event hours since the epoch: with message_id, it names one Gold row
 HOUR_KEY_PATTERN = "yyyy-MM-dd-HH:00"  # HOUR_KEY_FORMAT in Spark's datetime pattern language
@@ -110,7 +115,9 @@ def columns(spark: Any, catalog: str, iceberg: IcebergCatalogResource, spec: Tab
     return spark.table(spark_table(catalog, spec)).schema.names
 
 
-def audited_keys(spark: Any, catalog: str, iceberg: IcebergCatalogResource, start: datetime, end: datetime) -> Any:
+def audited_keys(
+    spark: Any, catalog: str, iceberg: IcebergCatalogResource, start: datetime, end: datetime
+) -> Any:
     """(message_id, event hour) of every Gold row the dedup job removed in the window."""
     audit = in_event_window(current(spark, catalog, iceberg, DEDUP_AUDIT_TABLE_SPEC), start, end)
     return with_hour(audit).select("message_id", HOUR).distinct()
@@ -145,6 +152,94 @@ def gold_columns(frame: Any, names: list[str], now: datetime) -> Any:
     return frame.select([derived[n].alias(n) if n in derived else F.col(n) for n in names])
 
 
+@dataclass(frozen=True)
+class GoldInputs:
+    """What one computation of a Gold window reads: Silver pinned, and Gold's snapshot pinned before it.
+
+    A Gold commit after `gold_snapshot_id` means another run wrote the window, possibly from a newer
+    Silver than `silver`: this computation's commit must then fail and be recomputed (Gold is pinned
+    first, so a run that read a newer Silver always committed after the pin).
+    """
+
+    silver: SilverTrades
+    gold_snapshot_id: int | None
+
+    @classmethod
+    def pin(cls, iceberg: IcebergCatalogResource, start: datetime, end: datetime) -> GoldInputs:
+        gold = iceberg.ensure_table(GOLD_TABLE_SPEC).current_snapshot()
+        return cls(SilverTrades(iceberg, start, end), gold.snapshot_id if gold is not None else None)
+
+
+@dataclass(frozen=True)
+class GoldWrite:
+    """A committed Gold window: the commit, the counts it was computed with, what it read, and how
+    many computations it took (more than one when a concurrent write of the window won)."""
+
+    report: WriteReport
+    stats: Any  # Row(silver_rows, removed, distinct_trades)
+    inputs: GoldInputs
+    computations: int
+
+
+def gold_frame(
+    spark: Any, catalog: str, iceberg: IcebergCatalogResource, silver: SilverTrades
+) -> tuple[Any, Any]:
+    """(Gold rows of the window, their counts): Silver's union without audited rows, first copy per id."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    removed = audited_keys(spark, catalog, iceberg, silver.start, silver.end).withColumn(
+        "k2_removed", F.lit(1)
+    )
+    flagged = with_hour(silver_union(spark, catalog, silver)).join(removed, ["message_id", HOUR], "left")
+    kept_rows = F.col("k2_removed").isNull()
+    (stats,) = flagged.agg(
+        F.count(F.lit(1)).alias("silver_rows"),
+        F.count("k2_removed").alias("removed"),
+        F.countDistinct(F.when(kept_rows, F.col("message_id"))).alias("distinct_trades"),
+    ).collect()
+    first = Window.partitionBy("message_id").orderBy(*LINEAGE_COLUMNS)
+    survivors = flagged.where(kept_rows).withColumn("k2_rank", F.row_number().over(first))
+    names = columns(spark, catalog, iceberg, GOLD_TABLE_SPEC)
+    return gold_columns(survivors.where(F.col("k2_rank") == 1), names, datetime.now(UTC)), stats
+
+
+def write_gold_window(
+    engine: EngineResource,
+    iceberg: IcebergCatalogResource,
+    scope: RowScope,
+    properties: dict[str, str],
+    inputs: GoldInputs | None = None,
+) -> GoldWrite:
+    """Compute the window `scope` from `inputs` (pinned now by default) and commit it; a commit that
+    meets a concurrent write of the window recomputes from the tables' current state, as the embedded
+    engine's `replace_rows` does, at most MAX_RECOMPUTES times."""
+    assert scope.start is not None and scope.end is not None
+    spark, catalog = engine.session, engine.catalog_name
+    inputs = inputs or GoldInputs.pin(iceberg, scope.start, scope.end)
+    for computation in itertools.count(1):
+        gold, stats = gold_frame(spark, catalog, iceberg, inputs.silver)
+        try:
+            report = replace_scope(
+                gold,
+                catalog,
+                GOLD_TABLE_SPEC,
+                scope,
+                properties,
+                iceberg,
+                validate_from=inputs.gold_snapshot_id,
+            )
+            return GoldWrite(report, stats, inputs, computation)
+        except (PySparkException, Py4JError) as err:
+            if not is_write_conflict(err) or computation > MAX_RECOMPUTES:
+                raise
+            dg.get_dagster_logger().warning(
+                f"Gold {scope.describe()} met a concurrent write on Spark; recomputing (attempt {computation + 1})"
+            )
+            inputs = GoldInputs.pin(iceberg, scope.start, scope.end)
+    raise AssertionError("unreachable")
+
+
 def gold_on_spark(
     context: dg.AssetExecutionContext,
     config: DuckDBConfig,
@@ -152,33 +247,17 @@ def gold_on_spark(
     iceberg: IcebergCatalogResource,
 ) -> Iterator[Any]:
     """`gold_crypto_trades`'s events (output, checks) with the window computed and written by Spark."""
-    from pyspark.sql import Window
-    from pyspark.sql import functions as F
-
     window = context.partition_time_window
     scope = RowScope(window.start, window.end)
-    silver = SilverTrades(iceberg, window.start, window.end)
     label = partition_label(context)
+    properties = {
+        "dagster.run-id": context.run_id,
+        "dagster.asset-key": GOLD_KEY.to_user_string(),
+        "dagster.partition-key": label,
+    }
     with spark_failures(f"Gold {label}"):
-        spark, catalog = engine.session, engine.catalog_name
-        removed = audited_keys(spark, catalog, iceberg, window.start, window.end).withColumn("k2_removed", F.lit(1))
-        flagged = with_hour(silver_union(spark, catalog, silver)).join(removed, ["message_id", HOUR], "left")
-        kept_rows = F.col("k2_removed").isNull()
-        (stats,) = flagged.agg(
-            F.count(F.lit(1)).alias("silver_rows"),
-            F.count("k2_removed").alias("removed"),
-            F.countDistinct(F.when(kept_rows, F.col("message_id"))).alias("distinct_trades"),
-        ).collect()
-        first = Window.partitionBy("message_id").orderBy(*LINEAGE_COLUMNS)
-        survivors = flagged.where(kept_rows).withColumn("k2_rank", F.row_number().over(first))
-        names = columns(spark, catalog, iceberg, GOLD_TABLE_SPEC)
-        gold = gold_columns(survivors.where(F.col("k2_rank") == 1), names, datetime.now(UTC))
-        properties = {
-            "dagster.run-id": context.run_id,
-            "dagster.asset-key": GOLD_KEY.to_user_string(),
-            "dagster.partition-key": label,
-        }
-        report = replace_scope(gold, catalog, GOLD_TABLE_SPEC, scope, properties, iceberg)
+        written = write_gold_window(engine, iceberg, scope, properties)
+    report, stats, silver = written.report, written.stats, written.inputs.silver
     after_audit = stats.silver_rows - stats.removed
     metadata = {
         **write_metadata(report, GOLD_TABLE_SPEC, scope, None),
@@ -205,19 +284,27 @@ def detect(spark: Any, catalog: str, iceberg: IcebergCatalogResource, start: dat
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    gold = with_hour(in_event_window(current(spark, catalog, iceberg, GOLD_TABLE_SPEC), start, end).select(*KEY_COLUMNS))
+    gold = with_hour(
+        in_event_window(current(spark, catalog, iceberg, GOLD_TABLE_SPEC), start, end).select(*KEY_COLUMNS)
+    )
     found = []
     for index, (reason, plan) in enumerate(RULES):
         window = Window.partitionBy(*plan.key).orderBy(*plan.order)
         # Only keys that repeat are windowed: duplicates are rare, so the sort sees a few rows.
         repeated = gold.groupBy(*plan.key).count().where(F.col("count") > 1).drop("count")
-        ranked = gold.join(repeated, list(plan.key), "left_semi").withColumn("k2_rank", F.row_number().over(window))
+        ranked = gold.join(repeated, list(plan.key), "left_semi").withColumn(
+            "k2_rank", F.row_number().over(window)
+        )
         ranked = ranked.withColumn("kept_message_id", F.first("message_id").over(window))
         losers = ranked.where(F.col("k2_rank") > 1).drop("k2_rank")
         found.append(losers.withColumn("reason", F.lit(reason)).withColumn("k2_rule", F.lit(index)))
     both = found[0].unionByName(found[1])
     once = Window.partitionBy("message_id", HOUR).orderBy("k2_rule")
-    return both.withColumn("k2_rank", F.row_number().over(once)).where(F.col("k2_rank") == 1).drop("k2_rank", "k2_rule")
+    return (
+        both.withColumn("k2_rank", F.row_number().over(once))
+        .where(F.col("k2_rank") == 1)
+        .drop("k2_rank", "k2_rule")
+    )
 
 
 def audit_frame(new: Any, names: list[str], run_id: str, now: datetime) -> Any:
@@ -228,7 +315,10 @@ def audit_frame(new: Any, names: list[str], run_id: str, now: datetime) -> Any:
 
 
 def find_duplicates_on_spark(
-    context: dg.OpExecutionContext, config: GoldDedupConfig, iceberg: IcebergCatalogResource, engine: EngineResource
+    context: dg.OpExecutionContext,
+    config: GoldDedupConfig,
+    iceberg: IcebergCatalogResource,
+    engine: EngineResource,
 ) -> list:
     """Stage 1 of gold_dedup_job on Spark; the same log, metadata, audit rows and hours as embedded."""
     from pyspark import StorageLevel
@@ -240,9 +330,13 @@ def find_duplicates_on_spark(
         spark, catalog = engine.session, engine.catalog_name
         found = detect(spark, catalog, iceberg, start, end).persist(StorageLevel.DISK_ONLY)
         try:
-            new = found.join(audited_keys(spark, catalog, iceberg, start, end), ["message_id", HOUR], "left_anti")
+            new = found.join(
+                audited_keys(spark, catalog, iceberg, start, end), ["message_id", HOUR], "left_anti"
+            )
             groups = new.groupBy(hour_key(F.col("timestamp")).alias("hour"), "reason").count().collect()
-            report = {f"{r.hour} {r.reason}": r["count"] for r in sorted(groups, key=lambda r: (r.hour, r.reason))}
+            report = {
+                f"{r.hour} {r.reason}": r["count"] for r in sorted(groups, key=lambda r: (r.hour, r.reason))
+            }
             found_rows, new_rows = found.count(), sum(report.values())
             context.log.info(
                 f"Duplicates found in [{start}, {end}): {found_rows} ({new_rows} not yet audited): {report}"
@@ -260,34 +354,51 @@ def find_duplicates_on_spark(
                 return []
             if new_rows:
                 names = columns(spark, catalog, iceberg, DEDUP_AUDIT_TABLE_SPEC)
-                writer = audit_frame(new, names, context.run_id, now).writeTo(spark_table(catalog, DEDUP_AUDIT_TABLE_SPEC))
+                writer = audit_frame(new, names, context.run_id, now).writeTo(
+                    spark_table(catalog, DEDUP_AUDIT_TABLE_SPEC)
+                )
                 writer.option("snapshot-property.dagster.run-id", context.run_id).option(
                     "snapshot-property.k2.engine", SPARK
                 ).append()
                 context.log_event(
                     dg.AssetMaterialization(
                         asset_key=AUDIT_KEY,
-                        metadata={"rows_added": new_rows, "by_hour": dg.MetadataValue.json(report), ENGINE_METADATA: SPARK},
+                        metadata={
+                            "rows_added": new_rows,
+                            "by_hour": dg.MetadataValue.json(report),
+                            ENGINE_METADATA: SPARK,
+                        },
                     )
                 )
         finally:
             found.unpersist()
         hours = pending_hours(spark, catalog, iceberg, start, end)
     context.add_output_metadata(
-        {"found": found_rows, "audited": new_rows, "hours_to_rewrite": dg.MetadataValue.json(hours), ENGINE_METADATA: SPARK}
+        {
+            "found": found_rows,
+            "audited": new_rows,
+            "hours_to_rewrite": dg.MetadataValue.json(hours),
+            ENGINE_METADATA: SPARK,
+        }
     )
     crash_point("gold.between_dedup_stages")
     return hours
 
 
-def pending_hours(spark: Any, catalog: str, iceberg: IcebergCatalogResource, start: datetime, end: datetime) -> list[str]:
+def pending_hours(
+    spark: Any, catalog: str, iceberg: IcebergCatalogResource, start: datetime, end: datetime
+) -> list[str]:
     """Hours where a row the audit says to remove is still in Gold."""
     from pyspark.sql import functions as F
 
     audit = audited_keys(spark, catalog, iceberg, start, end)
-    gold = with_hour(current(spark, catalog, iceberg, GOLD_TABLE_SPEC)).select("message_id", HOUR, "timestamp")
+    gold = with_hour(current(spark, catalog, iceberg, GOLD_TABLE_SPEC)).select(
+        "message_id", HOUR, "timestamp"
+    )
     still = gold.join(audit, ["message_id", HOUR], "left_semi")
-    return sorted(r.hour for r in still.select(hour_key(F.col("timestamp")).alias("hour")).distinct().collect())
+    return sorted(
+        r.hour for r in still.select(hour_key(F.col("timestamp")).alias("hour")).distinct().collect()
+    )
 
 
 def remove_duplicates_on_spark(
@@ -303,8 +414,16 @@ def remove_duplicates_on_spark(
             spark = engine.session
             rows = with_hour(in_event_window(current(spark, catalog, iceberg, GOLD_TABLE_SPEC), start, end))
             before = rows.count()
-            kept = rows.join(audited_keys(spark, catalog, iceberg, start, end), ["message_id", HOUR], "left_anti")
+            kept = rows.join(
+                audited_keys(spark, catalog, iceberg, start, end), ["message_id", HOUR], "left_anti"
+            )
             names = columns(spark, catalog, iceberg, GOLD_TABLE_SPEC)
-            properties = {"dagster.run-id": context.run_id, "dagster.partition-key": hour, "k2.dedup": "stage-2"}
+            properties = {
+                "dagster.run-id": context.run_id,
+                "dagster.partition-key": hour,
+                "k2.dedup": "stage-2",
+            }
             report = replace_scope(kept.select(*names), catalog, GOLD_TABLE_SPEC, scope, properties, iceberg)
-        report_rewritten_hour(context, hour, before, report.rows, report.snapshot_id, {ENGINE_METADATA: SPARK})
+        report_rewritten_hour(
+            context, hour, before, report.rows, report.snapshot_id, {ENGINE_METADATA: SPARK}
+        )
