@@ -216,9 +216,13 @@ def bronze_lag_records(kafka, consumer, catalog) -> dict[str, int]:
     lags = {}
     for exchange in EXCHANGES:
         identifier = bronze_table_spec(exchange).identifier
-        stored = read_stored_offsets(catalog.load_table(identifier)) if catalog.table_exists(identifier) else {}
+        stored = (
+            read_stored_offsets(catalog.load_table(identifier)) if catalog.table_exists(identifier) else {}
+        )
         marks = kafka.watermarks(consumer, exchange.topic, kafka.partitions(consumer, exchange.topic))
-        lags[exchange.name] = sum(max(0, high - max(low, stored.get(p, low))) for p, (low, high) in marks.items())
+        lags[exchange.name] = sum(
+            max(0, high - max(low, stored.get(p, low))) for p, (low, high) in marks.items()
+        )
     return lags
 
 
@@ -254,7 +258,8 @@ def run_names(dagster_home: Path) -> dict[str, dict]:
                 "partition": run.tags.get("dagster/partition"),
                 "status": run.status.value,
                 "worker_pid": pid,
-                "seconds": (record.end_time or time.time()) - (record.start_time or record.create_timestamp.timestamp()),
+                "seconds": (record.end_time or time.time())
+                - (record.start_time or record.create_timestamp.timestamp()),
             }
     return names
 
@@ -268,9 +273,7 @@ def run_kind(name: dict) -> str:
     return name["job"]
 
 
-def summarise(
-    watcher: Watcher, used: dict[str, float], runs: dict[str, dict], wall: float
-) -> dict:
+def summarise(watcher: Watcher, used: dict[str, float], runs: dict[str, dict], wall: float) -> dict:
     """CPU per component and per run kind, as seconds and % of one core over the window."""
     components: dict[str, float] = defaultdict(float)
     kinds: dict[str, dict] = defaultdict(lambda: {"runs": 0, "cpu_seconds": 0.0, "processes": 0})
@@ -302,7 +305,9 @@ def print_report(report: dict) -> None:
     print(f"CPU: {cpu:.1f} s = {100 * cpu / wall:.1f} % of one core (cgroup cpu.stat, whole tree)")
     steady = report["steady"]
     if steady:
-        print(f"     after the first {steady['skip_seconds']:.0f} s: {100 * steady['cpu_seconds'] / steady['wall']:.1f} %")
+        print(
+            f"     after the first {steady['skip_seconds']:.0f} s: {100 * steady['cpu_seconds'] / steady['wall']:.1f} %"
+        )
     print(
         f"Memory: max_usage_in_bytes {report['memory_max_usage'] / GIB:.2f} GiB (incl. page cache), "
         f"anon+mapped peak {report['memory_held_peak'] / GIB:.2f} GiB (sampled 1 s)"
@@ -320,10 +325,14 @@ def print_report(report: dict) -> None:
     print(f"Runs launched: {report['runs_launched']}, statuses {report['run_statuses']}")
     gold = [g for _, g in report["gold_lag"] if g is not None]
     if gold:
-        print(f"Gold lag: last {gold[-1]:.0f} s, max {max(gold):.0f} s, mean {sum(gold) / len(gold):.0f} s ({len(gold)} samples)")
+        print(
+            f"Gold lag: last {gold[-1]:.0f} s, max {max(gold):.0f} s, mean {sum(gold) / len(gold):.0f} s ({len(gold)} samples)"
+        )
     bronze = [sum(b.values()) for _, b in report["bronze_lag"] if b]
     if bronze:
-        print(f"Bronze lag (records): last {bronze[-1]}, max {max(bronze)}, mean {sum(bronze) / len(bronze):.0f}")
+        print(
+            f"Bronze lag (records): last {bronze[-1]}, max {max(bronze)}, mean {sum(bronze) / len(bronze):.0f}"
+        )
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -340,7 +349,10 @@ def measure(args: argparse.Namespace) -> dict:
         env = k2_child_env(home, PYTHONPATH=str(code))
         where = subprocess.run(
             [sys.executable, "-c", "import k2_assets; print(k2_assets.__file__)"],
-            env=env, capture_output=True, text=True, cwd=code,
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=code,
         ).stdout.strip()
         print(f"children import k2_assets from {where}")
         producers = start_producers(env, {"binance": args.binance_rate, "kraken": args.kraken_rate}, logs)
@@ -351,12 +363,18 @@ def measure(args: argparse.Namespace) -> dict:
         log = (logs / "k2-dev.log").open("wb")
         started = time.monotonic()
         dev = subprocess.Popen(
-            command, env=env, cwd=code, stdout=log, stderr=subprocess.STDOUT, preexec_fn=join_cgroups(top, memory)
+            command,
+            env=env,
+            cwd=code,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=join_cgroups(top, memory),
         )
         thread.start()
         catalog = IcebergCatalogResource().catalog()
         kafka = KafkaResource(
-            bootstrap_servers=os.environ[KAFKA_BOOTSTRAP_SERVERS], client_config=client_properties(KAFKA_CLIENT_PREFIX)
+            bootstrap_servers=os.environ[KAFKA_BOOTSTRAP_SERVERS],
+            client_config=client_properties(KAFKA_CLIENT_PREFIX),
         )
         consumer = kafka.consumer("k2-bench-live")
         gold_lag, bronze_lag, usage = [], [], []
@@ -391,7 +409,9 @@ def measure(args: argparse.Namespace) -> dict:
     skip = min(args.steady_after, wall / 2)
     before = next(((t, c) for t, c in usage if t >= skip), None)
     steady = (
-        {"skip_seconds": before[0], "cpu_seconds": cpu - before[1], "wall": wall - before[0]} if before else None
+        {"skip_seconds": before[0], "cpu_seconds": cpu - before[1], "wall": wall - before[0]}
+        if before
+        else None
     )
     return {
         "code": str(code),
@@ -413,7 +433,9 @@ def measure(args: argparse.Namespace) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--minutes", type=float, default=16.0)
     parser.add_argument("--binance-rate", type=float, default=150.0)
     parser.add_argument("--kraken-rate", type=float, default=3.0)

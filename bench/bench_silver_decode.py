@@ -162,7 +162,9 @@ def transform_decode_step(batches: list[pa.RecordBatch], schemas: WriterSchemas)
 def columnar_part(batches: list[pa.RecordBatch], schemas: WriterSchemas) -> int:
     """Records the columnar path takes (decoded, validated, as Silver columns), over every batch."""
     checker = RecordChecker(exchange("binance"), ValidationRules())
-    return sum(len(run.index) for b in batches for run in split_batch(b, schemas, checker, SILVER_ARROW_SCHEMA)[0])
+    return sum(
+        len(run.index) for b in batches for run in split_batch(b, schemas, checker, SILVER_ARROW_SCHEMA)[0]
+    )
 
 
 def timed(work) -> tuple[float, float, Any]:
@@ -228,7 +230,9 @@ def main() -> None:
     c_wall, c_cpu, taken = timed(lambda: columnar_part(batches, WriterSchemas(client)))
     print(f"its columnar part alone: {rate(n, c_wall, c_cpu)} ({taken:,} records taken columnar)")
     o_wall, o_cpu, (_, own_decoded) = timed(lambda: transform_decode_step(batches, WriterSchemas(client)))
-    print(f"per-record decode step alone (every record, as before): {rate(n, o_wall, o_cpu)} ({own_decoded:,} decoded)")
+    print(
+        f"per-record decode step alone (every record, as before): {rate(n, o_wall, o_cpu)} ({own_decoded:,} decoded)"
+    )
     p_wall, p_cpu, (_, decoded) = timed(lambda: plain_fastavro(batches))
     print(
         f"plain fastavro.schemaless_reader one at a time (decode only): {rate(n, p_wall, p_cpu)} "

@@ -40,9 +40,7 @@ class IcebergTablesIOManager(dg.ConfigurableIOManagerFactory):
     def create_io_manager(self, context: dg.InitResourceContext) -> EngineIOManager:
         from k2_assets.tables import all_table_specs
 
-        return EngineIOManager(
-            self.iceberg, {spec.name: spec for spec in all_table_specs()}, self.chunk_rows
-        )
+        return EngineIOManager(self.iceberg, {spec.name: spec for spec in all_table_specs()}, self.chunk_rows)
 
 
 def build_resources() -> dict[str, object]:

@@ -18,7 +18,10 @@ import pytest
 
 from tests.differential_corpus import REFERENCE_DIR, Corpus, coverage_gaps, differences, misrouted, run_corpus
 
-ENGINES = {"embedded": {"K2_ENGINE": "embedded"}, "spark": {"K2_ENGINE": "spark", "K2_SPARK_MASTER": "local[2]"}}
+ENGINES = {
+    "embedded": {"K2_ENGINE": "embedded"},
+    "spark": {"K2_ENGINE": "spark", "K2_SPARK_MASTER": "local[2]"},
+}
 RUN_TIMEOUT = 2400.0  # a Spark run pays JVM starts and Iceberg's runtime; CI's machine is shared
 pytestmark = [pytest.mark.spark_e2e, pytest.mark.timeout(RUN_TIMEOUT + 300)]
 
@@ -38,7 +41,9 @@ def test_spark_gives_the_embedded_engines_tables_row_for_row(outputs: dict[str, 
         assert table.num_rows > 0, f"{name} is empty: the comparison would prove nothing"
 
 
-def test_the_spark_run_routes_every_fault_kind_where_it_belongs(outputs: dict[str, dict[str, pa.Table]]) -> None:
+def test_the_spark_run_routes_every_fault_kind_where_it_belongs(
+    outputs: dict[str, dict[str, pa.Table]],
+) -> None:
     corpus, spark = Corpus.read(REFERENCE_DIR), outputs["spark"]
     assert coverage_gaps(corpus, spark) == []
     assert misrouted(corpus, spark) == []
@@ -46,7 +51,9 @@ def test_the_spark_run_routes_every_fault_kind_where_it_belongs(outputs: dict[st
     dlq = Counter(spark["silver_dlq_trades"]["exchange"].to_pylist())
     for exchange, rows in bronze.items():  # conservation, table by table
         assert spark[f"silver_{exchange}_trades"].num_rows + dlq[exchange] == rows
-    categories = {name: Counter(t["silver_dlq_trades"]["error_category"].to_pylist()) for name, t in outputs.items()}
+    categories = {
+        name: Counter(t["silver_dlq_trades"]["error_category"].to_pylist()) for name, t in outputs.items()
+    }
     assert categories["spark"] == categories["embedded"] and len(categories["spark"]) >= 5, categories
     reasons = {name: Counter(t["gold_dedup_audit"]["reason"].to_pylist()) for name, t in outputs.items()}
     assert reasons["spark"] == reasons["embedded"] and reasons["spark"]["DUPLICATE_TRADE_KEY"] > 0, reasons

@@ -68,7 +68,10 @@ class BlockSchema:
     def __init__(self, writer: dict[str, Any], header_bytes: int = 5) -> None:
         if any(f["name"] == HEADER_FIELD for f in writer["fields"]):
             raise ValueError(f"the writer schema has a field named {HEADER_FIELD}")
-        header = {"name": HEADER_FIELD, "type": {"type": "fixed", "name": "K2ConfluentHeader", "size": header_bytes}}
+        header = {
+            "name": HEADER_FIELD,
+            "type": {"type": "fixed", "name": "K2ConfluentHeader", "size": header_bytes},
+        }
         self.writer = {**writer, "fields": [header, *writer["fields"]]}
         self.json = json.dumps(self.writer)
         self.header = _container_header(self.json)
@@ -144,7 +147,12 @@ class BodyWalk:
         return pos
 
     def varint(
-        self, rows: np.ndarray | None, pos: np.ndarray, end: np.ndarray, max_bytes: int = 10, value: bool = True
+        self,
+        rows: np.ndarray | None,
+        pos: np.ndarray,
+        end: np.ndarray,
+        max_bytes: int = 10,
+        value: bool = True,
     ):
         """(zigzag-decoded value, position after it) of the varint at `pos` of each body.
 
@@ -326,9 +334,7 @@ def decode_block(schema: BlockSchema, bodies: pa.Array, columns: list[str]) -> p
     first, last = int(offsets[0]), int(offsets[-1])
     payload = bodies.buffers()[2][first:last] if last > first else b""
     count = len(bodies)
-    block = b"".join(
-        [schema.header, zigzag_varint(count), zigzag_varint(last - first), payload, SYNC_MARKER]
-    )
+    block = b"".join([schema.header, zigzag_varint(count), zigzag_varint(last - first), payload, SYNC_MARKER])
     source = io.BytesIO(block)
     reader = AvroSource([lambda: contextlib.nullcontext(source)], False, False)
     batches = [pa.record_batch(b) for b in reader.batch_iter(count, columns)]

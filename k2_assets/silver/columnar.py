@@ -302,7 +302,10 @@ def _labels_ok(records: pa.RecordBatch, plan: BlockPlan, checker: RecordChecker)
 
 
 def _in_window(
-    trade: np.ndarray, index: np.ndarray, times: dict[str, tuple[np.ndarray, np.ndarray]], checker: RecordChecker
+    trade: np.ndarray,
+    index: np.ndarray,
+    times: dict[str, tuple[np.ndarray, np.ndarray]],
+    checker: RecordChecker,
 ) -> np.ndarray:
     ingestion, has_ingestion = (a[index] for a in times["ingestion_timestamp"])
     kafka, has_kafka = (a[index] for a in times["kafka_timestamp"])
@@ -341,7 +344,9 @@ def _vendor_json(column: pa.Array, silver_type: pa.DataType) -> pa.Array:
     if groups is None:
         return _vendor_json_by_text(column, silver_type)
     first, inverse = groups
-    texts = [None if m is None else vendor_data_json(dict(m)) for m in column.take(pa.array(first)).to_pylist()]
+    texts = [
+        None if m is None else vendor_data_json(dict(m)) for m in column.take(pa.array(first)).to_pylist()
+    ]
     return pa.array(texts, type=silver_type).take(pa.array(inverse))
 
 
@@ -351,7 +356,9 @@ def _map_groups(column: pa.Array) -> tuple[np.ndarray, np.ndarray] | None:
     n_items = len(items.dictionary) + 1
     entry = keys.indices.to_numpy(zero_copy_only=False).astype(np.int64) * n_items
     entry += items.indices.fill_null(n_items - 1).to_numpy(zero_copy_only=False) + 1
-    offsets = np.frombuffer(column.buffers()[1], dtype=np.int32)[column.offset : column.offset + len(column) + 1]
+    offsets = np.frombuffer(column.buffers()[1], dtype=np.int32)[
+        column.offset : column.offset + len(column) + 1
+    ]
     offsets = offsets - offsets[0]
     sizes = np.diff(offsets)
     base = len(keys.dictionary) * n_items + 1
@@ -368,8 +375,12 @@ def _map_groups(column: pa.Array) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def _vendor_json_by_text(column: pa.Array, silver_type: pa.DataType) -> pa.Array:
-    keys = pc.binary_join_element_wise(pc.cast(pc.utf8_length(column.keys), pa.string()), ":", column.keys, "")
-    items = pc.binary_join_element_wise(pc.cast(pc.utf8_length(column.items), pa.string()), ":", column.items, "")
+    keys = pc.binary_join_element_wise(
+        pc.cast(pc.utf8_length(column.keys), pa.string()), ":", column.keys, ""
+    )
+    items = pc.binary_join_element_wise(
+        pc.cast(pc.utf8_length(column.items), pa.string()), ":", column.items, ""
+    )
     tokens = pc.binary_join_element_wise(keys, items, "=")
     offsets = column.offsets
     signature = pc.binary_join(pa.ListArray.from_arrays(offsets, tokens), ";")

@@ -248,7 +248,9 @@ def silver_on_spark(
             properties = {"dagster.run-id": context.run_id, "dagster.partition-key": label}
             silver_frame = part(routed, "silver", SILVER_PREFIX, silver_columns.names)
             silver_props = {**properties, "dagster.asset-key": silver_asset_key(exchange).to_user_string()}
-            silver_report = replace_scope(silver_frame, catalog, silver_spec, silver_scope, silver_props, iceberg)
+            silver_report = replace_scope(
+                silver_frame, catalog, silver_spec, silver_scope, silver_props, iceberg
+            )
             dlq_frame = part(routed, "dlq", DLQ_PREFIX, dlq_columns.names)
             dlq_props = {**properties, "dagster.asset-key": dlq_asset_key(exchange).to_user_string()}
             dlq_report = replace_scope(dlq_frame, catalog, DLQ_TABLE_SPEC, dlq_scope, dlq_props, iceberg)

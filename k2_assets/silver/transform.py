@@ -634,7 +634,10 @@ def transform_batch(
     runs, rest = split_batch(batch, schemas, checker, SILVER_ARROW_SCHEMA)
     routed = route(BronzeBatch.of(batch, rest), schemas, checker)
     routed.renumber(rest)
-    silver, dlq = silver_batch(batch, runs, routed, now), dlq_batch(batch, routed, exchange, partition_key, now)
+    silver, dlq = (
+        silver_batch(batch, runs, routed, now),
+        dlq_batch(batch, routed, exchange, partition_key, now),
+    )
     placed = np.concatenate([*(run.index for run in runs), routed.silver_index, routed.dlq_index])
     if silver.num_rows + dlq.num_rows != batch.num_rows or not np.array_equal(
         np.sort(placed), np.arange(batch.num_rows)
