@@ -23,21 +23,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from k2_assets.gold.assets import GOLD_KEY, audited_removals, event_time_filter, row_keys
+from k2_assets.gold.assets import GOLD_KEY, audited_removals, event_time_filter, row_keys, to_micros
 from k2_assets.gold.dedup import (
     MICROS_PER_HOUR,
     DedupPlan,
     DuckDBConfig,
     connect,
     later_copies_sql,
-    peeked,
+    register_scans,
+    register_stream,
 )
 from k2_assets.gold.tables import DEDUP_AUDIT_TABLE_SPEC, GOLD_TABLE_SPEC
 from k2_assets.partitions import HOUR_KEY_FORMAT
 from k2_resources.crashpoints import crash_point
 from k2_resources.engine import EngineResource
 from k2_resources.iceberg import IcebergCatalogResource
-from k2_resources.io_manager import RowScope, read_scope, replace_rows, stream_scan
+from k2_resources.io_manager import RowScope, read_scope, replace_rows
 
 AUDIT_KEY = dg.AssetKey(DEDUP_AUDIT_TABLE_SPEC.name)
 KEY_COLUMNS = (
@@ -98,7 +99,8 @@ def detect(iceberg: IcebergCatalogResource, start: datetime, end: datetime, engi
         selected_fields=KEY_COLUMNS,
     )
     with connect(engine) as con:
-        con.register("stream", peeked(stream_scan(scan), scan.projection().as_arrow()))
+        window = f'"timestamp" >= {to_micros(start)} AND "timestamp" < {to_micros(end)}'
+        register_scans(con, "stream", [scan], window, scan.projection().as_arrow())
         con.execute("CREATE TEMP TABLE gold AS SELECT * FROM stream")
         found = " UNION ALL ".join(
             later_copies_sql("gold", plan, reason, rank) for rank, (reason, plan) in enumerate(RULES)
@@ -145,9 +147,8 @@ def pending_hours(
         return []
     gold = iceberg.load_table(GOLD_TABLE_SPEC)
     stream = read_scope(gold, GOLD_TABLE_SPEC, RowScope(start, end), columns=("message_id", "timestamp"))
-    schema = pa.schema([("message_id", pa.string()), ("timestamp", pa.int64())])
     with connect(engine) as con:
-        con.register("gold", peeked(stream.batches(), schema))
+        register_stream(con, "gold", stream)
         con.register("removed", removed)
         still_there = con.execute(
             f"SELECT DISTINCT timestamp FROM (SELECT timestamp // {MICROS_PER_HOUR} * {MICROS_PER_HOUR} AS timestamp "
