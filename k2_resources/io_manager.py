@@ -202,9 +202,39 @@ def _replace_once(
     snapshot_properties: Mapping[str, str],
     chunk_rows: int,
 ) -> WriteReport:
+    return write_files(table, spec, data, scope, chunk_rows).commit(snapshot_properties)
+
+
+@dataclass
+class PreparedWrite:
+    """Data files written for one scope, not yet committed (`commit` makes them the scope's rows)."""
+
+    table: Table
+    spec: TableSpec
+    scope: RowScope
+    files: RollingDataFiles
+    data_files: list[DataFile]
+    rows: int
+
+    def commit(self, snapshot_properties: Mapping[str, str]) -> WriteReport:
+        """One snapshot replacing the scope's rows with the files; on a conflict, the files are deleted."""
+        try:
+            _commit(self.table, self.spec, self.scope, snapshot_properties, self.data_files)
+        except WRITE_CONFLICTS:
+            self.files.discard()  # written for a commit that did not happen: nothing references them
+            raise
+        self.table.refresh()
+        snapshot = self.table.current_snapshot()
+        return WriteReport(self.rows, len(self.data_files), snapshot.snapshot_id if snapshot else None)
+
+
+def write_files(
+    table: Table, spec: TableSpec, data: Any, scope: RowScope, chunk_rows: int = DEFAULT_CHUNK_ROWS
+) -> PreparedWrite:
+    """`data` written as data files of `table` (batch by batch, files rolled at `chunk_rows` rows),
+    uncommitted; every row must lie inside `scope`, otherwise nothing is kept."""
     schema = table.schema().as_arrow()
-    report = WriteReport()
-    files = RollingDataFiles(table, chunk_rows)
+    files, rows_written = RollingDataFiles(table, chunk_rows), 0
     try:
         for batch in as_batches(data):
             for offset in range(0, batch.num_rows, chunk_rows):
@@ -216,20 +246,11 @@ def _replace_once(
                         f"({scope.describe()}): a re-run could not replace them, so nothing was written."
                     )
                 files.write(rows)
-                report.rows += rows.num_rows
-        written = files.close()
+                rows_written += rows.num_rows
+        return PreparedWrite(table, spec, scope, files, files.close(), rows_written)
     except BaseException:
         files.discard()  # nothing will reference them
         raise
-    try:
-        _commit(table, spec, scope, snapshot_properties, written)
-    except WRITE_CONFLICTS:
-        files.discard()  # written for a commit that did not happen: nothing references them
-        raise
-    table.refresh()
-    report.data_files = len(written)
-    report.snapshot_id = table.current_snapshot().snapshot_id if table.current_snapshot() else None
-    return report
 
 
 def _commit(

@@ -15,6 +15,7 @@ windows only the keys that repeat, out of core under DuckDB's memory limit.
 # No `from __future__ import annotations`: Dagster reads op parameter annotations at definition time.
 
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,6 +23,7 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
+from pyiceberg.table import Table
 
 from k2_assets.gold.assets import GOLD_KEY, audited_removals, event_time_filter, row_keys, to_micros
 from k2_assets.gold.dedup import (
@@ -38,7 +40,7 @@ from k2_assets.partitions import HOUR_KEY_FORMAT
 from k2_resources.crashpoints import crash_point
 from k2_resources.engine import EngineResource
 from k2_resources.iceberg import IcebergCatalogResource
-from k2_resources.io_manager import RowScope, read_scope, replace_rows
+from k2_resources.io_manager import PreparedWrite, RowScope, read_scope, write_files
 
 AUDIT_KEY = dg.AssetKey(DEDUP_AUDIT_TABLE_SPEC.name)
 KEY_COLUMNS = (
@@ -73,6 +75,9 @@ audit_asset = dg.AssetSpec(
 class GoldDedupConfig(DuckDBConfig):
     lookback_hours: int = Field(24, description="Event hours to search, ending with the running hour.")
     dry_run: bool = Field(False, description="Report what would be removed; change no table.")
+
+
+REWRITE_THREADS = 2  # the hours stage 2 writes at once (memory: one batch each)
 
 
 def hour_key(micros: int) -> str:
@@ -231,17 +236,37 @@ def remove_gold_duplicates(
         return remove_duplicates_on_spark(context, hours, iceberg, engine)
     # --- end engine dispatch
     gold = iceberg.load_table(GOLD_TABLE_SPEC)
-    for hour in hours:
-        start = datetime.strptime(hour, HOUR_KEY_FORMAT).replace(tzinfo=UTC)
-        end = start + timedelta(hours=1)
-        # Within one hour a message_id names one Gold row (row_keys without the constant hour).
-        remove = audited(iceberg, start, end)["message_id"]
-        stream = read_scope(gold, GOLD_TABLE_SPEC, RowScope(start, end))
-        before = stream.count()
-        kept = (b.filter(pc.invert(pc.is_in(b["message_id"], value_set=remove))) for b in stream.batches())
-        properties = {"dagster.run-id": context.run_id, "dagster.partition-key": hour, "k2.dedup": "stage-2"}
-        report = replace_rows(gold, GOLD_TABLE_SPEC, kept, RowScope(start, end), properties)
-        report_rewritten_hour(context, hour, before, report.rows, report.snapshot_id)
+    # Each hour's files are written on one of REWRITE_THREADS threads (reading, filtering and Parquet
+    # encoding release the GIL) and committed here, in order, one commit per hour.
+    with ThreadPoolExecutor(REWRITE_THREADS, thread_name_prefix="gold-rewrite") as pool:
+        pending = [(hour, pool.submit(rewrite_hour, iceberg, gold, hour)) for hour in hours]
+        try:
+            while pending:
+                before, prepared = pending[0][1].result()
+                hour = pending.pop(0)[0]
+                properties = {
+                    "dagster.run-id": context.run_id,
+                    "dagster.partition-key": hour,
+                    "k2.dedup": "stage-2",
+                }
+                report = prepared.commit(properties)
+                report_rewritten_hour(context, hour, before, report.rows, report.snapshot_id)
+        except BaseException:
+            for _, future in pending:  # not committed: their files must not stay behind
+                if not future.cancel() and future.exception() is None:
+                    future.result()[1].files.discard()
+            raise
+
+
+def rewrite_hour(iceberg: IcebergCatalogResource, gold: Table, hour: str) -> tuple[int, PreparedWrite]:
+    """The hour's Gold rows without its audited ones, written as (uncommitted) files; its rows before."""
+    start = datetime.strptime(hour, HOUR_KEY_FORMAT).replace(tzinfo=UTC)
+    scope = RowScope(start, start + timedelta(hours=1))
+    # Within one hour a message_id names one Gold row (row_keys without the constant hour).
+    remove = audited(iceberg, scope.start, scope.end)["message_id"]
+    stream = read_scope(gold, GOLD_TABLE_SPEC, scope)
+    kept = (b.filter(pc.invert(pc.is_in(b["message_id"], value_set=remove))) for b in stream.batches())
+    return stream.count(), write_files(gold, GOLD_TABLE_SPEC, kept, scope)
 
 
 # One dedup at a time (dagster.yaml limits the tag to one run): two would append the same audit rows.
