@@ -21,7 +21,7 @@ Why these numbers:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -100,19 +100,22 @@ def assert_flat(label: str, small: ChildResult, large: ChildResult) -> None:
         raise MemoryGrew(f"{large.peak_rss_mb:.0f} MB for 10N >= {LIMIT_MB:.0f} MB; {figures}")
 
 
+def measured(
+    tmp_path_factory: pytest.TempPathFactory, run: Callable[[Path, int], ChildResult], size: int
+) -> list[ChildResult]:
+    """`run` at `size` and at 10 x `size`, each on a K2_HOME of its own."""
+    results = []
+    for rows in (size, 10 * size):
+        with own_home(tmp_path_factory) as home:
+            results.append(run(home, rows))
+    return results
+
+
 @pytest.mark.slow
 def test_gold_hour_peak_rss_is_flat_for_10x_rows(tmp_path_factory: pytest.TempPathFactory) -> None:
-    results = []
-    for trades in (N, 10 * N):
-        with own_home(tmp_path_factory) as home:
-            results.append(gold_hour(home, trades))
-    assert_flat("Gold hour", *results)
+    assert_flat("Gold hour", *measured(tmp_path_factory, gold_hour, N))
 
 
 @pytest.mark.slow
 def test_gold_dedup_job_peak_rss_is_flat_for_10x_rows(tmp_path_factory: pytest.TempPathFactory) -> None:
-    results = []
-    for per_hour in (DEDUP_ROWS_PER_HOUR, 10 * DEDUP_ROWS_PER_HOUR):
-        with own_home(tmp_path_factory) as home:
-            results.append(dedup_job(home, per_hour))
-    assert_flat("gold_dedup_job", *results)
+    assert_flat("gold_dedup_job", *measured(tmp_path_factory, dedup_job, DEDUP_ROWS_PER_HOUR))
