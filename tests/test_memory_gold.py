@@ -34,6 +34,8 @@ from bench.bench_gold import HOUR_FORMAT, HourPlan, land_gold_day, land_silver_h
 N = 100_000
 DEDUP_HOURS = 3
 DEDUP_ROWS_PER_HOUR = 50_000
+GOLD_FILE_ROWS = 25_000  # the landed Gold's data files: stage 2 reads a file at a time, in both runs
+DUCKDB_MEMORY_LIMIT = "128MB"  # reached by both 10N runs; 64 MB runs out of memory
 DUP_RATE = 0.01
 ALLOWED_RATIO = 1.25
 ALLOWED_SLACK_MB = 50.0
@@ -66,7 +68,10 @@ def gold_hour(home: Path, trades: int) -> ChildResult:
     hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=3)
     plan = HourPlan(trades, round(trades * DUP_RATE), hour)
     land_silver_hour(plan)
-    args = dagster_child_args(select=["gold_crypto_trades"], partition=hour.strftime(HOUR_FORMAT))
+    config = {"ops": {"gold_crypto_trades": {"config": {"duckdb_memory_limit": DUCKDB_MEMORY_LIMIT}}}}
+    args = dagster_child_args(
+        select=["gold_crypto_trades"], partition=hour.strftime(HOUR_FORMAT), run_config=config
+    )
     result = run_child(args, k2_child_env(home), CHILD_TIMEOUT_SECONDS)
     verify_hour(plan, result)  # raises unless Gold = the distinct Silver trades
     return result
@@ -77,8 +82,9 @@ def dedup_job(home: Path, per_hour: int) -> ChildResult:
     it audited and removed exactly the planted copies."""
     current = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
     hours = [current - timedelta(hours=h) for h in range(DEDUP_HOURS - 1, -1, -1)]
-    injected = land_gold_day(hours, per_hour, DUP_RATE)
-    config = {"ops": {"find_gold_duplicates": {"config": {"lookback_hours": DEDUP_HOURS + 1}}}}
+    injected = land_gold_day(hours, per_hour, DUP_RATE, file_rows=GOLD_FILE_ROWS)
+    stage_1 = {"lookback_hours": DEDUP_HOURS + 1, "duckdb_memory_limit": DUCKDB_MEMORY_LIMIT}
+    config = {"ops": {"find_gold_duplicates": {"config": stage_1}}}
     result = run_child(
         dagster_child_args(job="gold_dedup_job", run_config=config), k2_child_env(home), CHILD_TIMEOUT_SECONDS
     )
