@@ -77,10 +77,9 @@ class GoldDedupConfig(DuckDBConfig):
     dry_run: bool = Field(False, description="Report what would be removed; change no table.")
 
 
-# The hours stage 2 writes at once. Two cut stage 2 of 24 x 1M rows to 31 s, but peak RSS then grew
-# with the hour (tests/test_memory_gold.py: 672 -> 891 MB for 10x the rows); one keeps it flat, and
-# the next hour is still written while this one commits.
-REWRITE_THREADS = 1
+# The hours stage 2 writes at once: stage 2 of 24 x 1M rows took 31.0 s on two, 53.5 s on one, at
+# the same peak RSS (1,222 / 1,194 MB; tests/test_memory_gold.py 891-892 / 914 MB at 10N).
+REWRITE_THREADS = 2
 
 
 def hour_key(micros: int) -> str:
@@ -239,8 +238,8 @@ def remove_gold_duplicates(
         return remove_duplicates_on_spark(context, hours, iceberg, engine)
     # --- end engine dispatch
     gold = iceberg.load_table(GOLD_TABLE_SPEC)
-    # Each hour's files are written on a worker thread (reading, filtering and Parquet encoding release
-    # the GIL) and committed here, in order, one commit per hour.
+    # Each hour's files are written on one of REWRITE_THREADS threads (reading, filtering and Parquet
+    # encoding release the GIL) and committed here, in order, one commit per hour.
     with ThreadPoolExecutor(REWRITE_THREADS, thread_name_prefix="gold-rewrite") as pool:
         pending = [(hour, pool.submit(rewrite_hour, iceberg, gold, hour)) for hour in hours]
         try:
