@@ -2,9 +2,10 @@
 
 Writing a partition is one Iceberg commit that deletes exactly the rows of the partition's window
 (and slice) and appends the new rows: re-materialising a partition or re-running a backfill leaves
-the table as one run would. Data arrives as a stream of Arrow record batches and is written in
-chunks of `chunk_rows`, so memory is bounded whatever the partition's size; pandas DataFrames and
-Arrow tables are accepted for small outputs. Every row written must fall inside the window and slice
+the table as one run would. Data arrives as a stream of Arrow record batches, each written straight
+into its partition's open data file (`RollingDataFiles`; files rolled at `chunk_rows` rows), so memory
+is bounded by a batch whatever the partition's size; pandas DataFrames and Arrow tables are accepted
+for small outputs. Every row written must fall inside the window and slice
 being replaced (otherwise a re-run could not replace it), and the table's schema always comes from
 its declared `TableSpec`, never from the data.
 """
