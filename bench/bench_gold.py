@@ -278,6 +278,7 @@ def duckdb_alone(spec: dict) -> None:
             "preserve_insertion_order": False,
         }
     )
+
     def silver(columns: tuple[str, ...]) -> str:
         return (
             f"SELECT {quoted(columns)} FROM read_parquet({spec['files']!r}) "
@@ -394,11 +395,14 @@ def gold_hour_rows(silver: pa.Table, now: datetime) -> pa.Table:
     return pa.Table.from_batches([to_gold(b, now) for b in silver.to_batches()])
 
 
-def land_gold_day(hours: list[datetime], per_hour: int, dup_rate: float, seed: int = 2) -> Injected:
-    """Write each hour of Gold in one atomic commit, planting duplicates; returns what was planted."""
+def land_gold_day(
+    hours: list[datetime], per_hour: int, dup_rate: float, seed: int = 2, file_rows: int | None = None
+) -> Injected:
+    """Write each hour of Gold in one atomic commit (data files of `file_rows` rows, the IO manager's
+    default if None), planting duplicates; returns what was planted."""
     from k2_assets.gold.tables import GOLD_TABLE_SPEC
     from k2_resources.iceberg import IcebergCatalogResource
-    from k2_resources.io_manager import RowScope, replace_rows
+    from k2_resources.io_manager import DEFAULT_CHUNK_ROWS, RowScope, replace_rows
 
     rng, gold = np.random.default_rng(seed), IcebergCatalogResource().ensure_table(GOLD_TABLE_SPEC)
     injected, previous, now = Injected(), None, datetime.now(UTC)
@@ -416,7 +420,9 @@ def land_gold_day(hours: list[datetime], per_hour: int, dup_rate: float, seed: i
         rows = gold_hour_rows(pa.concat_tables(parts), now)
         injected.rows += rows.num_rows
         scope = RowScope(hour, hour + timedelta(hours=1))
-        replace_rows(gold, GOLD_TABLE_SPEC, rows, scope, {"k2.bench": "bench_gold"})
+        replace_rows(
+            gold, GOLD_TABLE_SPEC, rows, scope, {"k2.bench": "bench_gold"}, file_rows or DEFAULT_CHUNK_ROWS
+        )
         previous = base
     return injected
 

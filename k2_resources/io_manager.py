@@ -2,15 +2,17 @@
 
 Writing a partition is one Iceberg commit that deletes exactly the rows of the partition's window
 (and slice) and appends the new rows: re-materialising a partition or re-running a backfill leaves
-the table as one run would. Data arrives as a stream of Arrow record batches and is written in
-chunks of `chunk_rows`, so memory is bounded whatever the partition's size; pandas DataFrames and
-Arrow tables are accepted for small outputs. Every row written must fall inside the window and slice
+the table as one run would. Data arrives as a stream of Arrow record batches, each written straight
+into its partition's open data file (`RollingDataFiles`; files rolled at `chunk_rows` rows), so memory
+is bounded by a batch whatever the partition's size; pandas DataFrames and Arrow tables are accepted
+for small outputs. Every row written must fall inside the window and slice
 being replaced (otherwise a re-run could not replace it), and the table's schema always comes from
 its declared `TableSpec`, never from the data.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import uuid
@@ -26,8 +28,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pyiceberg.exceptions import CommitFailedException, ValidationException
 from pyiceberg.expressions import AlwaysTrue, And, BooleanExpression, EqualTo, GreaterThanOrEqual, LessThan
-from pyiceberg.io.pyarrow import ArrowScan, _dataframe_to_data_files, schema_to_pyarrow
-from pyiceberg.table import DataScan, Table
+from pyiceberg.io import OutputFile
+from pyiceberg.io.fileformat import FileFormatFactory, FileFormatWriter
+from pyiceberg.io.pyarrow import ArrowScan, _determine_partitions, schema_to_pyarrow
+from pyiceberg.manifest import DataFile, DataFileContent, FileFormat
+from pyiceberg.partitioning import PartitionKey
+from pyiceberg.table import DataScan, Table, TableProperties
+from pyiceberg.table.locations import load_location_provider
+from pyiceberg.typedef import Record
 from pyiceberg.types import LongType, TimestampType, TimestamptzType
 
 from k2_resources.iceberg import IcebergCatalogResource, TableSpec
@@ -72,6 +80,20 @@ class RowScope:
             inside = pc.and_kleene(inside, pc.equal(batch.column(spec.slice_column), self.slice_value))
         return batch.num_rows - pc.sum(pc.fill_null(inside, False).cast(pa.int64())).as_py()
 
+    def sql(self, spec: TableSpec, table: Table) -> str:
+        """The scope as a SQL predicate (DuckDB), for engines reading the table's files themselves."""
+        parts = ["true"]
+        if self.start is not None and self.end is not None:
+            assert spec.time_column, f"{spec.name} has no time_column to window on"
+            field_type = table.schema().find_field(spec.time_column).field_type
+            lo, hi = (_sql_literal(field_type, moment) for moment in (self.start, self.end))
+            parts.append(f'"{spec.time_column}" >= {lo} AND "{spec.time_column}" < {hi}')
+        if self.slice_value is not None:
+            assert spec.slice_column, f"{spec.name} has no slice_column"
+            value = self.slice_value.replace("'", "''")
+            parts.append(f"\"{spec.slice_column}\" = '{value}'")
+        return " AND ".join(parts)
+
     def describe(self) -> str:
         window = (
             f"[{self.start.isoformat()}, {self.end.isoformat()})" if self.start and self.end else "all time"
@@ -84,6 +106,16 @@ def _literal(field_type: Any, moment: datetime) -> Any:
         return int(moment.timestamp() * 1_000_000)
     if isinstance(field_type, TimestamptzType | TimestampType):
         return moment.isoformat()
+    raise TypeError(f"Cannot window on a column of type {field_type}")
+
+
+def _sql_literal(field_type: Any, moment: datetime) -> str:
+    if isinstance(field_type, LongType):
+        return str(int(moment.timestamp() * 1_000_000))
+    if isinstance(field_type, TimestamptzType):
+        return f"TIMESTAMPTZ '{moment.isoformat()}'"
+    if isinstance(field_type, TimestampType):
+        return f"TIMESTAMP '{moment.replace(tzinfo=None).isoformat()}'"
     raise TypeError(f"Cannot window on a column of type {field_type}")
 
 
@@ -171,57 +203,174 @@ def _replace_once(
     snapshot_properties: Mapping[str, str],
     chunk_rows: int,
 ) -> WriteReport:
+    return write_files(table, spec, data, scope, chunk_rows).commit(snapshot_properties)
+
+
+@dataclass
+class PreparedWrite:
+    """Data files written for one scope, not yet committed (`commit` makes them the scope's rows)."""
+
+    table: Table
+    spec: TableSpec
+    scope: RowScope
+    files: RollingDataFiles
+    data_files: list[DataFile]
+    rows: int
+
+    def commit(self, snapshot_properties: Mapping[str, str]) -> WriteReport:
+        """One snapshot replacing the scope's rows with the files; on a conflict, the files are deleted."""
+        try:
+            _commit(self.table, self.spec, self.scope, snapshot_properties, self.data_files)
+        except WRITE_CONFLICTS:
+            self.files.discard()  # written for a commit that did not happen: nothing references them
+            raise
+        self.table.refresh()
+        snapshot = self.table.current_snapshot()
+        return WriteReport(self.rows, len(self.data_files), snapshot.snapshot_id if snapshot else None)
+
+
+def write_files(
+    table: Table, spec: TableSpec, data: Any, scope: RowScope, chunk_rows: int = DEFAULT_CHUNK_ROWS
+) -> PreparedWrite:
+    """`data` written as data files of `table` (batch by batch, files rolled at `chunk_rows` rows),
+    uncommitted; every row must lie inside `scope`, otherwise nothing is kept."""
     schema = table.schema().as_arrow()
-    write_uuid, counter = uuid.uuid4(), itertools.count(0)
-    report, files = WriteReport(), []
-    for chunk in _chunks(as_batches(data), chunk_rows):
-        rows = conform(chunk, schema)
-        stray = scope.outside(spec, rows)
-        if stray:
-            raise ValueError(
-                f"{stray} rows for {spec.identifier} fall outside the scope being replaced ({scope.describe()}): "
-                "a re-run could not replace them, so nothing was written."
-            )
-        files += _dataframe_to_data_files(
-            table.metadata, rows, table.io, write_uuid=write_uuid, counter=counter
-        )
-        report.rows += rows.num_rows
-    properties = dict(snapshot_properties)
+    files, rows_written = RollingDataFiles(table, chunk_rows), 0
     try:
-        with table.transaction() as tx, warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Delete operation did not match any records")
-            tx.delete(scope.expression(spec, table), snapshot_properties=properties)
-            if files:
-                with tx.update_snapshot(snapshot_properties=properties).fast_append() as append:
-                    for data_file in files:
-                        append.append_data_file(data_file)
-    except WRITE_CONFLICTS:
-        for data_file in files:  # written for a commit that did not happen: nothing references them
-            table.io.delete(data_file.file_path)
+        for batch in as_batches(data):
+            for offset in range(0, batch.num_rows, chunk_rows):
+                rows = conform(batch.slice(offset, chunk_rows), schema)
+                stray = scope.outside(spec, rows)
+                if stray:
+                    raise ValueError(
+                        f"{stray} rows for {spec.identifier} fall outside the scope being replaced "
+                        f"({scope.describe()}): a re-run could not replace them, so nothing was written."
+                    )
+                files.write(rows)
+                rows_written += rows.num_rows
+        return PreparedWrite(table, spec, scope, files, files.close(), rows_written)
+    except BaseException:
+        files.discard()  # nothing will reference them
         raise
-    table.refresh()
-    report.data_files = len(files)
-    report.snapshot_id = table.current_snapshot().snapshot_id if table.current_snapshot() else None
-    return report
 
 
-def _chunks(batches: Iterator[pa.RecordBatch], chunk_rows: int) -> Iterator[pa.Table]:
-    """Regroup a batch stream into tables of exactly chunk_rows rows (the last may be short): small
-    batches are gathered, large ones sliced, so one data file never needs more than a chunk in memory."""
-    pending: list[pa.RecordBatch] = []
-    size = 0
-    for batch in batches:
+def _commit(
+    table: Table,
+    spec: TableSpec,
+    scope: RowScope,
+    snapshot_properties: Mapping[str, str],
+    files: list[DataFile],
+) -> None:
+    """One snapshot: delete the scope's rows, append `files`."""
+    properties = dict(snapshot_properties)
+    with table.transaction() as tx, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Delete operation did not match any records")
+        tx.delete(scope.expression(spec, table), snapshot_properties=properties)
+        if files:
+            with tx.update_snapshot(snapshot_properties=properties).fast_append() as append:
+                for data_file in files:
+                    append.append_data_file(data_file)
+
+
+@dataclass
+class _OpenFile:
+    path: str
+    output: OutputFile
+    writer: FileFormatWriter
+    partition_key: PartitionKey | None
+    rows: int = 0
+
+
+class RollingDataFiles:
+    """The data files of one write, filled batch by batch: one open file per table partition, each
+    rolled at `file_rows` rows.
+
+    PyIceberg's `_dataframe_to_data_files` needs a whole Arrow table per file (it streams a
+    RecordBatchReader only into unpartitioned tables), so a file's worth of rows had to be in memory
+    at once, plus copies. Here each batch goes straight into its open file through PyIceberg's own
+    Parquet writer (`FileFormatWriter.write` may be called repeatedly; it keeps the field ids and the
+    table's write properties, and computes the file's statistics on close), so memory is bounded by a
+    batch whatever the size of the partition or of a file.
+    """
+
+    def __init__(self, table: Table, file_rows: int) -> None:
+        self.metadata, self.io, self.file_rows = table.metadata, table.io, file_rows
+        self.format = FileFormat(
+            self.metadata.properties.get(
+                TableProperties.WRITE_FILE_FORMAT, TableProperties.WRITE_FILE_FORMAT_DEFAULT
+            )
+        )
+        self.model = FileFormatFactory.get(self.format)
+        self.locations = load_location_provider(self.metadata.location, self.metadata.properties)
+        self.write_uuid, self.counter = uuid.uuid4(), itertools.count(0)
+        self.open: dict[Any, _OpenFile] = {}
+        self.closed: list[DataFile] = []
+        self.paths: list[str] = []
+
+    def write(self, rows: pa.Table) -> None:
+        """Append conformed rows (the table's Arrow schema, field ids included) to their partitions' files."""
+        spec = self.metadata.spec()
+        if spec.is_unpartitioned():
+            self._append(None, rows)
+            return
+        for part in _determine_partitions(spec=spec, schema=self.metadata.schema(), arrow_table=rows):
+            self._append(part.partition_key, part.arrow_table_partition)
+
+    def _append(self, key: PartitionKey | None, rows: pa.Table) -> None:
+        slot = key.partition if key else None
         offset = 0
-        while offset < batch.num_rows:
-            piece = batch.slice(offset, chunk_rows - size)
-            pending.append(piece)
-            size += piece.num_rows
+        while offset < rows.num_rows:
+            current = self.open.get(slot) or self._start(key)
+            piece = rows.slice(offset, self.file_rows - current.rows)
+            current.writer.write(piece)
+            current.rows += piece.num_rows
             offset += piece.num_rows
-            if size == chunk_rows:
-                yield pa.Table.from_batches(pending)
-                pending, size = [], 0
-    if pending:
-        yield pa.Table.from_batches(pending)
+            if current.rows >= self.file_rows:
+                self._finish(slot)
+
+    def _start(self, key: PartitionKey | None) -> _OpenFile:
+        name = f"00000-{next(self.counter)}-{self.write_uuid}.{self.model.file_extension()}"
+        path = self.locations.new_data_location(data_file_name=name, partition_key=key)
+        output = self.io.new_output(path)
+        self.paths.append(path)
+        writer = self.model.create_writer(output, self.metadata.schema(), self.metadata.properties)
+        current = _OpenFile(path, output, writer, key)
+        self.open[key.partition if key else None] = current
+        return current
+
+    def _finish(self, slot: Any) -> None:
+        current = self.open.pop(slot)
+        statistics = current.writer.close()
+        self.closed.append(
+            DataFile.from_args(
+                content=DataFileContent.DATA,
+                file_path=current.path,
+                file_format=self.format,
+                partition=current.partition_key.partition if current.partition_key else Record(),
+                file_size_in_bytes=len(current.output),
+                sort_order_id=None,
+                spec_id=self.metadata.default_spec_id,
+                equality_ids=None,
+                key_metadata=None,
+                **statistics.to_serialized_dict(),
+            )
+        )
+
+    def close(self) -> list[DataFile]:
+        """Close every open file: the data files written, ready to commit."""
+        for slot in list(self.open):
+            self._finish(slot)
+        return self.closed
+
+    def discard(self) -> None:
+        """Close and delete every file this write created (none of them is committed)."""
+        for current in self.open.values():
+            with contextlib.suppress(Exception):
+                current.writer.close()
+        self.open.clear()
+        for path in self.paths:
+            with contextlib.suppress(OSError):
+                self.io.delete(path)
 
 
 def stream_scan(scan: DataScan) -> Iterator[pa.RecordBatch]:
@@ -252,15 +401,22 @@ class IcebergStream:
     columns: tuple[str, ...] = ("*",)
     rows_read: int = field(default=0, init=False)
 
-    def batches(self) -> Iterator[pa.RecordBatch]:
-        if self.snapshot_id is None:
-            return
-        scan = self.table.scan(
+    def scan(self) -> DataScan:
+        """PyIceberg's scan of the stream's rows (its snapshot must exist)."""
+        return self.table.scan(
             row_filter=self.scope.expression(self.spec, self.table),
             snapshot_id=self.snapshot_id,
             selected_fields=self.columns,
         )
-        for batch in stream_scan(scan):
+
+    def arrow_schema(self) -> pa.Schema:
+        schema = self.table.schema()
+        return schema_to_pyarrow(schema if self.columns == ("*",) else schema.select(*self.columns))
+
+    def batches(self) -> Iterator[pa.RecordBatch]:
+        if self.snapshot_id is None:
+            return
+        for batch in stream_scan(self.scan()):
             for offset in range(0, batch.num_rows, self.batch_rows):
                 piece = batch.slice(offset, self.batch_rows)
                 self.rows_read += piece.num_rows

@@ -8,9 +8,8 @@ computation that wrote them.
 from __future__ import annotations
 
 import dagster as dg
-import pyarrow as pa
 
-from k2_assets.gold.dedup import DuckDBConfig, connect, peeked
+from k2_assets.gold.dedup import DuckDBConfig, connect, register_stream
 from k2_resources.io_manager import IcebergStream
 
 NO_DUPLICATES = "no_duplicate_message_id"
@@ -38,14 +37,14 @@ def no_duplicates_result(
 ) -> dg.AssetCheckResult:
     gold.columns = ("message_id",)
     with connect(engine) as con:
-        con.register("gold", peeked(gold.batches(), pa.schema([("message_id", pa.string())])))
+        register_stream(con, "gold", gold)
         rows, distinct = con.execute("SELECT count(*), count(DISTINCT message_id) FROM gold").fetchone()
     duplicates = rows - distinct  # the rows a dedup by message_id would remove
     return dg.AssetCheckResult(
         check_name=NO_DUPLICATES,
         asset_key=gold_key,
         passed=duplicates == 0,
-        metadata={"duplicate_rows": duplicates, "rows": gold.rows_read, "snapshot_id": str(gold.snapshot_id)},
+        metadata={"duplicate_rows": duplicates, "rows": rows, "snapshot_id": str(gold.snapshot_id)},
     )
 
 
