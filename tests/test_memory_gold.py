@@ -34,6 +34,9 @@ import pytest
 from bench._common import ChildResult, dagster_child_args, k2_child_env, run_child
 from bench.bench_gold import HOUR_FORMAT, HourPlan, land_gold_day, land_silver_hour, verify_dedup, verify_hour
 
+# Not a gate yet: the 10N runs vary by ~150 MB and fail the bound about half the time (see above).
+pytestmark = pytest.mark.memory_target
+
 N = 100_000
 DEDUP_HOURS = 3
 DEDUP_ROWS_PER_HOUR = 50_000
