@@ -99,10 +99,3 @@ def exchange(name: str) -> ExchangeConfig:
         if config.name == name.lower():
             return config
     raise KeyError(f"Unknown exchange {name!r}: configured exchanges are {[e.name for e in EXCHANGES]}")
-
-
-def exchange_for_topic(topic: str) -> ExchangeConfig:
-    for config in EXCHANGES:
-        if config.topic == topic:
-            return config
-    raise KeyError(f"No configured exchange reads topic {topic!r}")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import dagster as dg
 import pyarrow as pa
@@ -147,14 +146,3 @@ def evolve_table(table: Table, spec: TableSpec) -> Table:
         if changed:
             tx.set_properties(changed)
     return table.refresh()
-
-
-def to_arrow(spec: TableSpec, data: Any) -> pa.Table:
-    """Coerce a pandas DataFrame, Arrow table or list of dicts to the spec's Arrow schema."""
-    import pandas as pd
-
-    if isinstance(data, pd.DataFrame):
-        return pa.Table.from_pandas(data, schema=spec.arrow_schema, preserve_index=False)
-    if isinstance(data, pa.Table):
-        return data.select(spec.arrow_schema.names).cast(spec.arrow_schema)
-    return pa.Table.from_pylist(list(data), schema=spec.arrow_schema)
