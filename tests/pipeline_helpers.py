@@ -12,9 +12,9 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from k2_assets.definitions import defs
+from k2_assets.operations.alerts import RANGE_END_TAG, RANGE_START_TAG
 from k2_assets.partitions import HOUR_KEY_FORMAT
 from k2_resources.iceberg import IcebergCatalogResource, TableSpec
 
@@ -84,7 +84,7 @@ def materialize(
     """Materialise `keys` over [first, last] in one run (the single-run backfill policy's shape)."""
     job = defs.resolve_implicit_global_asset_job_def()
     selection = [k if isinstance(k, dg.AssetKey) else dg.AssetKey.from_user_string(k) for k in keys]
-    tags = {ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last or first}
+    tags = {RANGE_START_TAG: first, RANGE_END_TAG: last or first}
     return job.execute_in_process(instance=instance, asset_selection=selection, tags=tags, **kwargs)
 
 
