@@ -30,7 +30,6 @@ from k2_assets.gold.dedup import (
     DuckDBConfig,
     connect,
     first_copies_sql,
-    peeked,
     register_scans,
     results,
     without_removed_sql,
@@ -96,10 +95,6 @@ class SilverTrades:
     def batches(self, columns: tuple[str, ...] = V2_COLUMNS + LINEAGE_COLUMNS) -> Iterator[pa.RecordBatch]:
         for scan in self._scans(columns):
             yield from stream_scan(scan)
-
-    def stream(self, columns: tuple[str, ...] = V2_COLUMNS + LINEAGE_COLUMNS) -> pa.RecordBatchReader:
-        """The rows as one Arrow stream, read a data file at a time as DuckDB pulls them."""
-        return peeked(self.batches(columns), self.schema(columns))
 
     def schema(self, columns: tuple[str, ...]) -> pa.Schema:
         return schema_to_pyarrow(self.tables[0].schema().select(*columns))
