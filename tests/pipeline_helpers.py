@@ -60,12 +60,15 @@ def hour_key(moment: datetime) -> str:
     return moment.strftime(HOUR_KEY_FORMAT)
 
 
-def this_hour() -> str:
-    return hour_key(datetime.now(UTC))
+def this_hour(now: datetime | None = None) -> str:
+    """The hour key of `now` (default: the clock's)."""
+    return hour_key(now or datetime.now(UTC))
 
 
-def hours_back(n: int) -> str:
-    return hour_key(datetime.now(UTC) - timedelta(hours=n))
+def hours_back(n: int, now: datetime | None = None) -> str:
+    """The hour key `n` hours before `now` (default: the clock's). Tests whose fixture and test bodies must
+    agree on the hours pass the fixture's `now`: else an hour boundary between them shifts the window."""
+    return hour_key((now or datetime.now(UTC)) - timedelta(hours=n))
 
 
 def drain(exchange: str, instance: dg.DagsterInstance) -> None:

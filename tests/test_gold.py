@@ -49,10 +49,13 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
             "binance": produce("binance", 2000, rate=0.2, start="-3h", faults=GOLD_FAULTS, seed=21),
             "kraken": produce("kraken", 1000, rate=0.1, start="-3h", faults=GOLD_FAULTS, seed=22),
         }
+        now = datetime.now(UTC)  # the tests' window, fixed: an hour boundary mid-module must not shift it
         with dg.DagsterInstance.ephemeral() as instance:
             assert build_silver(instance).success
-            gold = materialize(instance, ["gold_crypto_trades"], hours_back(NORMAL_HOURS - 1), this_hour())
-            yield {"home": home, "reports": reports, "instance": instance, "gold_result": gold}
+            gold = materialize(
+                instance, ["gold_crypto_trades"], hours_back(NORMAL_HOURS - 1, now), this_hour(now)
+            )
+            yield {"home": home, "reports": reports, "instance": instance, "gold_result": gold, "now": now}
 
 
 def ids(reports: dict, kind: str) -> set[str]:
@@ -68,7 +71,9 @@ def test_gold_has_every_trade_once_and_no_redelivery_twice(scenario: dict) -> No
     silver_ids = set()
     for e in EXCHANGES:
         silver = table_rows(silver_table_spec(e))
-        in_window = pc.greater_equal(silver["timestamp"], micros(hours_back(NORMAL_HOURS - 1)))
+        in_window = pc.greater_equal(
+            silver["timestamp"], micros(hours_back(NORMAL_HOURS - 1, scenario["now"]))
+        )
         silver_ids |= set(silver.filter(in_window)["message_id"].to_pylist())
     assert set(message_ids) == silver_ids  # every valid trade of the window, once
     for row in gold.slice(0, 200).to_pylist():
@@ -91,7 +96,7 @@ def test_late_trades_reach_their_gold_hour_through_the_sensor(scenario: dict) ->
     requested = sorted(r.partition_key for r in result.run_requests)
     # Gold was computed, after Silver, for the last NORMAL_HOURS hours: the sensor asks for exactly the
     # other event hours Silver holds trades for (the late trades' hours), and not for the running hour.
-    gold_computed = {hours_back(i) for i in range(NORMAL_HOURS)}
+    gold_computed = {hours_back(i, scenario["now"]) for i in range(NORMAL_HOURS)}
     silver_hours = set()
     for e in EXCHANGES:
         for ts in table_rows(silver_table_spec(e))["timestamp"].to_pylist():
@@ -122,7 +127,12 @@ def list_of(values: set[str]):
 def test_backfilling_gold_twice_leaves_it_identical(scenario: dict) -> None:
     first = comparable(table_rows(GOLD_TABLE_SPEC), ["message_id"])
     for _ in range(2):
-        assert materialize(scenario["instance"], ["gold_crypto_trades"], hours_back(9), this_hour()).success
+        assert materialize(
+            scenario["instance"],
+            ["gold_crypto_trades"],
+            hours_back(9, scenario["now"]),
+            this_hour(scenario["now"]),
+        ).success
         assert comparable(table_rows(GOLD_TABLE_SPEC), ["message_id"]).equals(first)
 
 
@@ -205,7 +215,12 @@ def test_dedup_killed_between_stages_is_completed_by_the_next_run(scenario: dict
 
 def test_rematerialising_after_dedup_keeps_the_removals(scenario: dict) -> None:
     deduped = comparable(table_rows(GOLD_TABLE_SPEC), ["message_id"])
-    result = materialize(scenario["instance"], ["gold_crypto_trades"], hours_back(9), this_hour())
+    result = materialize(
+        scenario["instance"],
+        ["gold_crypto_trades"],
+        hours_back(9, scenario["now"]),
+        this_hour(scenario["now"]),
+    )
     assert result.success
     assert comparable(table_rows(GOLD_TABLE_SPEC), ["message_id"]).equals(deduped)
     assert check_results(result)[("gold_crypto_trades", "rows_equal_distinct_silver_trades")].passed
