@@ -84,7 +84,7 @@ def dev_environment(home: Path) -> dict[str, str]:
     """The dev stack up and the instance prepared: the environment every child process gets."""
     from k2_assets.instance import prepare_dagster_home
     from k2_resources.devstack import start_devstack
-    from k2_resources.settings import KAFKA_BOOTSTRAP_SERVERS, SCHEMA_REGISTRY_URL
+    from k2_resources.settings import AUTOMATION, HOME, KAFKA_BOOTSTRAP_SERVERS, SCHEMA_REGISTRY_URL
 
     info = start_devstack(home)
     print(f"k2 dev: dev stack up: Kafka {info.bootstrap_servers}, Schema Registry {info.registry_url}")
@@ -95,9 +95,9 @@ def dev_environment(home: Path) -> dict[str, str]:
         **os.environ,
         KAFKA_BOOTSTRAP_SERVERS: info.bootstrap_servers,
         SCHEMA_REGISTRY_URL: info.registry_url,
-        "K2_HOME": str(home),
+        HOME.name: str(home),
         "DAGSTER_HOME": str(dagster_home),
-        "K2_AUTOMATION": "on",
+        AUTOMATION.name: "on",
     }
 
 

@@ -20,7 +20,6 @@ moment it could first turn overdue); in between nothing is written.
 # No `from __future__ import annotations`: Dagster reads the asset check's context annotation.
 
 import json
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,23 +28,16 @@ from typing import Protocol
 
 import dagster as dg
 
-from k2_assets.partitions import HOUR_KEY_FORMAT
+from k2_assets.partitions import HOUR, floor_hour, hour_key
+from k2_resources.settings import FRESHNESS_DELAY_MINUTES
 
 CHECK_NAME = "freshness_check"
 FRESH_UNTIL = "fresh_until"
-FRESHNESS_DELAY_SETTING = "K2_FRESHNESS_DELAY_MINUTES"
-DEFAULT_FRESHNESS_DELAY_MINUTES = 20
-HOUR = timedelta(hours=1)
 
 
 def freshness_delay() -> timedelta:
     """How long after an hour closes its Silver and Gold partitions must exist (K2_FRESHNESS_DELAY_MINUTES)."""
-    raw = os.environ.get(FRESHNESS_DELAY_SETTING, str(DEFAULT_FRESHNESS_DELAY_MINUTES))
-    if not raw.isdigit() or not 0 <= int(raw) <= 59:
-        raise ValueError(
-            f"{FRESHNESS_DELAY_SETTING} must be a whole number of minutes from 0 to 59, not {raw!r}"
-        )
-    return timedelta(minutes=int(raw))
+    return timedelta(minutes=FRESHNESS_DELAY_MINUTES.value())
 
 
 def last_update(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str | None = None) -> float | None:
@@ -126,13 +118,13 @@ class HourArrivalRule:
     def description(self) -> str:
         return (
             "The latest hour whose deadline has passed was materialised after it closed, by the end of "
-            f"the hour plus {FRESHNESS_DELAY_SETTING} (default {DEFAULT_FRESHNESS_DELAY_MINUTES})."
+            f"the hour plus {FRESHNESS_DELAY_MINUTES.name} (default {FRESHNESS_DELAY_MINUTES.default})."
         )
 
     def evaluate(self, instance: dg.DagsterInstance, now: float) -> dg.AssetCheckEvaluation:
         delay = freshness_delay()
         hour = expected_hour(datetime.fromtimestamp(now, UTC), delay)
-        key = hour.strftime(HOUR_KEY_FORMAT)
+        key = hour_key(hour)
         closed, deadline = hour + HOUR, hour + HOUR + delay
         metadata: dict = {
             "expected_partition": key,
@@ -155,7 +147,7 @@ class HourArrivalRule:
 
 def expected_hour(now: datetime, delay: timedelta) -> datetime:
     """The latest hour H with H + 1 h + delay <= now."""
-    return (now - HOUR - delay).replace(minute=0, second=0, microsecond=0)
+    return floor_hour(now - HOUR - delay)
 
 
 def build_freshness_check(rule: FreshnessRule) -> dg.AssetChecksDefinition:

@@ -17,21 +17,13 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from k2_resources.settings import k2_home
+from k2_resources.settings import HOME, POSTGRES_SETTINGS, k2_home
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SQLITE_INSTANCE_FILE = REPO_ROOT / "dagster.yaml"
 POSTGRES_INSTANCE_FILE = REPO_ROOT / "deploy" / "dagster-postgres.yaml"
 WORKSPACE_FILE = REPO_ROOT / "workspace.yaml"
 DAGSTER_HOME_DIRNAME = "dagster_home"
-# The PostgreSQL instance file reads these; the password may be empty (trust authentication).
-POSTGRES_SETTINGS = (
-    "K2_DAGSTER_PG_HOST",
-    "K2_DAGSTER_PG_PORT",
-    "K2_DAGSTER_PG_USER",
-    "K2_DAGSTER_PG_PASSWORD",
-    "K2_DAGSTER_PG_DB",
-)
 
 
 def instance_file(postgres: bool = False) -> Path:
@@ -48,7 +40,7 @@ def instance_file(postgres: bool = False) -> Path:
 def missing_postgres_settings(environ: Mapping[str, str] | None = None) -> list[str]:
     """The PostgreSQL settings not set in `environ` (default: this process's environment)."""
     environ = os.environ if environ is None else environ
-    return [name for name in POSTGRES_SETTINGS if name not in environ]
+    return [setting.name for setting in POSTGRES_SETTINGS if setting.name not in environ]
 
 
 def prepare_dagster_home(home: Path | None = None, postgres: bool = False) -> Path:
@@ -68,7 +60,7 @@ def prepare_dagster_home(home: Path | None = None, postgres: bool = False) -> Pa
     dagster_home = home / DAGSTER_HOME_DIRNAME
     dagster_home.mkdir(parents=True, exist_ok=True)
     write_if_changed(dagster_home / "dagster.yaml", source.read_text())
-    os.environ["K2_HOME"] = str(home)
+    os.environ[HOME.name] = str(home)
     os.environ["DAGSTER_HOME"] = str(dagster_home)
     initialise_storage(dagster_home)
     return dagster_home

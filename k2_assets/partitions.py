@@ -11,7 +11,6 @@ are part of the code location's snapshot, which the code server, the daemon and 
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -19,23 +18,27 @@ from typing import ParamSpec, TypeVar
 
 import dagster as dg
 
+from k2_resources.settings import PARTITIONS_START
+
 HOUR_KEY_FORMAT = "%Y-%m-%d-%H:00"
-PARTITIONS_START_SETTING = "K2_PARTITIONS_START"
-# Recent on purpose: hours before the first ingestion would only ever show as missing in the UI.
-DEFAULT_PARTITIONS_START = "2026-11-01-00:00"
+HOUR = timedelta(hours=1)
+MICROS_PER_HOUR = 3_600_000_000
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def partitions_start() -> str:
-    """The first hourly partition, `YYYY-MM-DD` or `YYYY-MM-DD-HH:00` (UTC), from K2_PARTITIONS_START."""
-    raw = (os.environ.get(PARTITIONS_START_SETTING) or DEFAULT_PARTITIONS_START).strip()  # empty: default
+def start_hour_key(raw: str) -> str:
+    """`YYYY-MM-DD` or `YYYY-MM-DD-HH:00` (UTC) as an hour key."""
     for pattern in (HOUR_KEY_FORMAT, "%Y-%m-%d"):
         try:
             return datetime.strptime(raw, pattern).replace(tzinfo=UTC).strftime(HOUR_KEY_FORMAT)
         except ValueError:
             continue
-    raise ValueError(
-        f"{PARTITIONS_START_SETTING} must be a UTC date YYYY-MM-DD or hour YYYY-MM-DD-HH:00, not {raw!r}"
-    )
+    raise ValueError("a UTC date YYYY-MM-DD or hour YYYY-MM-DD-HH:00")
+
+
+def partitions_start() -> str:
+    """The first hourly partition, from K2_PARTITIONS_START."""
+    return PARTITIONS_START.parsed(start_hour_key)
 
 
 hourly_partitions = dg.HourlyPartitionsDefinition(start_date=partitions_start(), end_offset=1, timezone="UTC")
@@ -66,8 +69,36 @@ def accepting_beta(build: Callable[P, T]) -> Callable[P, T]:
     return call
 
 
+# --- Hours: every conversion between moments, hour keys and µs timestamps, here and nowhere else ----------
+
+
+def hour_key(moment: datetime) -> str:
+    """The partition key of the hour `moment` falls in (`moment` in UTC)."""
+    return moment.astimezone(UTC).strftime(HOUR_KEY_FORMAT)
+
+
 def hour_start(key: str) -> datetime:
+    """The first moment of the hour partition `key`."""
     return datetime.strptime(key, HOUR_KEY_FORMAT).replace(tzinfo=UTC)
+
+
+def hour_window(key: str) -> tuple[datetime, datetime]:
+    """[start, end) of the hour partition `key`."""
+    start = hour_start(key)
+    return start, start + HOUR
+
+
+def floor_hour(moment: datetime) -> datetime:
+    return moment.replace(minute=0, second=0, microsecond=0)
+
+
+def to_micros(moment: datetime) -> int:
+    """µs since the epoch (Iceberg's and Arrow's timestamp unit), exactly: no float on the way."""
+    return (moment - EPOCH) // timedelta(microseconds=1)
+
+
+def from_micros(micros: int) -> datetime:
+    return EPOCH + timedelta(microseconds=micros)
 
 
 def hourly_automation(complete_at_minute: int) -> dg.AutomationCondition:

@@ -7,24 +7,18 @@ PyIceberg catalog properties) in the environment instead.
 
 # No `from __future__ import annotations`: Dagster resolves resource field annotations at class creation.
 
-import os
-
 import dagster as dg
 
 from k2_resources.engine import EngineIOManager, EngineResource
 from k2_resources.iceberg import IcebergCatalogResource
 from k2_resources.io_manager import DEFAULT_CHUNK_ROWS
 from k2_resources.kafka import kafka_from_env, schema_registry_from_env
-
-AUTOMATION_SETTING = "K2_AUTOMATION"
+from k2_resources.settings import AUTOMATION
 
 
 def automation_status() -> dg.DefaultSensorStatus:
     """Sensors and schedules run by default; K2_AUTOMATION=off keeps them stopped (tests, CI launches)."""
-    value = os.environ.get(AUTOMATION_SETTING, "on").lower()
-    if value not in ("on", "off"):
-        raise ValueError(f"{AUTOMATION_SETTING} must be 'on' or 'off', not {value!r}")
-    return dg.DefaultSensorStatus.RUNNING if value == "on" else dg.DefaultSensorStatus.STOPPED
+    return dg.DefaultSensorStatus.RUNNING if AUTOMATION.value() == "on" else dg.DefaultSensorStatus.STOPPED
 
 
 def schedule_status() -> dg.DefaultScheduleStatus:
@@ -51,5 +45,5 @@ def build_resources() -> dict[str, object]:
         "iceberg": iceberg,
         "iceberg_io_manager": IcebergTablesIOManager(iceberg=iceberg),
         # K2_ENGINE=embedded|spark: which engine computes Silver and Gold (k2_resources/engine.py).
-        "engine": EngineResource.from_environment(iceberg),
+        "engine": EngineResource.for_catalog(iceberg),
     }

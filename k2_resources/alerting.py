@@ -10,52 +10,39 @@ cursor (see `AlertBook`), so a daemon restart neither repeats nor forgets an ale
 # No `from __future__ import annotations`: Dagster resolves resource field annotations at class creation.
 
 import json
-import os
 import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import dagster as dg
 
-WEBHOOK_URL_SETTING = "K2_ALERT_WEBHOOK_URL"
-UI_URL_SETTING = "K2_UI_BASE_URL"
-LAG_SETTING = "K2_ALERT_LAG_RECORDS"
-SILENCE_SETTING = "K2_ALERT_SILENT_MINUTES"
-REPEAT_SETTING = "K2_ALERT_REPEAT_MINUTES"
-DEFAULT_UI_URL = "http://127.0.0.1:3000"
+from k2_resources.settings import (
+    ALERT_LAG_RECORDS,
+    ALERT_REPEAT_MINUTES,
+    ALERT_SILENT_MINUTES,
+    ALERT_WEBHOOK_URL,
+    UI_BASE_URL,
+)
+
 WEBHOOK_TIMEOUT_SECONDS = 10.0
-
-
-def _positive_number(name: str, default: str) -> float:
-    raw = os.environ.get(name, default)
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise ValueError(f"{name} must be a positive number, not {raw!r}")
-    return value
 
 
 @dataclass(frozen=True)
 class AlertSettings:
     """Every alert threshold, read from the environment in this one place and validated by name."""
 
-    ui_base_url: str = DEFAULT_UI_URL
-    lag_records: float = 100_000
-    silent_seconds: float = 15 * 60.0
-    repeat_seconds: float = 60 * 60.0
+    ui_base_url: str
+    lag_records: float
+    silent_seconds: float
+    repeat_seconds: float
 
     @classmethod
     def from_env(cls) -> "AlertSettings":
-        ui = os.environ.get(UI_URL_SETTING, DEFAULT_UI_URL).rstrip("/")
-        if not ui.startswith(("http://", "https://")):
-            raise ValueError(f"{UI_URL_SETTING} must be an http:// or https:// URL, not {ui!r}")
         return cls(
-            ui_base_url=ui,
-            lag_records=_positive_number(LAG_SETTING, "100000"),
-            silent_seconds=60 * _positive_number(SILENCE_SETTING, "15"),
-            repeat_seconds=60 * _positive_number(REPEAT_SETTING, "60"),
+            ui_base_url=UI_BASE_URL.value(),
+            lag_records=ALERT_LAG_RECORDS.value(),
+            silent_seconds=60 * ALERT_SILENT_MINUTES.value(),
+            repeat_seconds=60 * ALERT_REPEAT_MINUTES.value(),
         )
 
     def run_url(self, run_id: str) -> str:
@@ -111,7 +98,7 @@ class AlertWebhookResource(dg.ConfigurableResource):
 
 
 def webhook_from_env() -> AlertWebhookResource:
-    return AlertWebhookResource(url=dg.EnvVar(WEBHOOK_URL_SETTING))
+    return AlertWebhookResource(url=dg.EnvVar(ALERT_WEBHOOK_URL.name))
 
 
 class AlertBook:

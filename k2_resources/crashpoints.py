@@ -11,12 +11,13 @@ import os
 import signal
 from collections import Counter
 
-CRASH_AT = "K2_CRASH_AT"
+from k2_resources.settings import CRASH_AT
+
 _passes: Counter[str] = Counter()
 
 
 def crash_point(name: str) -> None:
-    target = os.environ.get(CRASH_AT)
+    target = CRASH_AT.raw()
     if not target:
         return
     point, _, nth = target.partition(":")

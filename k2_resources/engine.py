@@ -16,7 +16,6 @@ into a Dagster step failure carrying the driver's error.
 # No `from __future__ import annotations`: Dagster resolves resource field annotations at class creation.
 
 import dataclasses
-import os
 import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -25,14 +24,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import dagster as dg
+from pydantic import Field
 
 from k2_resources.iceberg import IcebergCatalogResource, TableSpec
 from k2_resources.io_manager import IcebergIOManager, RowScope, WriteReport
+from k2_resources.settings import ENGINE
 from k2_resources.spark import IcebergSparkResource
 
-ENGINE_SETTING = "K2_ENGINE"
-EMBEDDED, SPARK = "embedded", "spark"
-ENGINES = (EMBEDDED, SPARK)
+ENGINES = ENGINE.choices
+EMBEDDED, SPARK = ENGINES
 ENGINE_METADATA = "engine"  # materialisation metadata: which engine computed and wrote the partition
 ENGINE_SUMMARY = "k2.engine"  # the same, in the Iceberg snapshot summary
 # Spark settings of the engine's jobs (shuffle partitions and AQE come from IcebergSparkResource):
@@ -48,14 +48,6 @@ ENGINE_SPARK_CONFIG = {
 MAX_ERROR_LINES = 30  # a Spark failure's driver error, as much as a step failure message can carry
 
 
-def engine_from_environment() -> str:
-    """K2_ENGINE, checked: a misspelt engine must fail the code location, not fall back silently."""
-    value = os.environ.get(ENGINE_SETTING, EMBEDDED).strip().lower() or EMBEDDED
-    if value not in ENGINES:
-        raise ValueError(f"{ENGINE_SETTING} must be one of {', '.join(ENGINES)}, not {value!r}")
-    return value
-
-
 class EngineResource(dg.ConfigurableResource):
     """The deployment's engine for Silver and Gold, and the Spark session when it is Spark.
 
@@ -63,21 +55,30 @@ class EngineResource(dg.ConfigurableResource):
     starts a JVM), and stops when the step ends.
     """
 
-    engine: str = EMBEDDED
+    engine: str = Field(default="", description=f"{' or '.join(ENGINES)}; empty: {ENGINE.name}")
     spark: dg.ResourceDependency[IcebergSparkResource]
 
     @classmethod
-    def from_environment(cls, iceberg: IcebergCatalogResource) -> "EngineResource":
-        spark = IcebergSparkResource.from_environment(iceberg, "k2-engine", ENGINE_SPARK_CONFIG)
-        return cls(engine=engine_from_environment(), spark=spark)
+    def for_catalog(cls, iceberg: IcebergCatalogResource) -> "EngineResource":
+        """The deployment's engine resource; the environment is read when a run uses it, not here."""
+        return cls(
+            spark=IcebergSparkResource(
+                iceberg=iceberg, app_name="k2-engine", spark_config=ENGINE_SPARK_CONFIG
+            )
+        )
+
+    @property
+    def choice(self) -> str:
+        """The configured engine, else K2_ENGINE; a misspelt one fails naming the setting."""
+        if not self.engine:
+            return ENGINE.value()
+        if self.engine.lower() not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
+        return self.engine.lower()
 
     @property
     def on_spark(self) -> bool:
-        if self.engine not in ENGINES:
-            raise ValueError(
-                f"engine ({ENGINE_SETTING}) must be one of {', '.join(ENGINES)}, not {self.engine!r}"
-            )
-        return self.engine == SPARK
+        return self.choice == SPARK
 
     @property
     def session(self) -> Any:

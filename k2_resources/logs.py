@@ -18,8 +18,8 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-LOG_FORMAT_SETTING = "K2_LOG_FORMAT"
-LOG_FORMATS = ("text", "json")
+from k2_resources.settings import LOG_FORMAT
+
 # Settings whose values are secrets wherever they appear (client properties by name: k2_resources.settings).
 SECRET_SETTING = re.compile(r"PASSWORD|SECRET|TOKEN|CREDENTIAL|ACCESS_KEY|WEBHOOK_URL|SASL_|SSL_KEY")
 PARTITION_TAGS = ("dagster/partition", "dagster/asset_partition_range_start")
@@ -28,10 +28,7 @@ EXCHANGE_TAG = "k2/ingestion"
 
 def log_format() -> str:
     """K2_LOG_FORMAT: `text` (Dagster's console logger, the default) or `json`."""
-    value = os.environ.get(LOG_FORMAT_SETTING, "text").lower()
-    if value not in LOG_FORMATS:
-        raise ValueError(f"{LOG_FORMAT_SETTING} must be one of {', '.join(LOG_FORMATS)}, not {value!r}")
-    return value
+    return LOG_FORMAT.value()
 
 
 def secret_values(environ: dict[str, str] | None = None) -> list[str]:

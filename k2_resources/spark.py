@@ -33,9 +33,11 @@ from urllib.parse import unquote, urlparse
 import dagster as dg
 from dagster_pyspark import LazyPySparkResource
 from dagster_pyspark.resources import spark_session_from_config
+from pydantic import Field
 from pyiceberg.catalog import _ENV_CONFIG
 
 from k2_resources.iceberg import IcebergCatalogResource
+from k2_resources.settings import SPARK_MASTER, SPARK_REMOTE
 
 # Pinned together: Iceberg's runtime is built per Spark minor version and Scala version.
 SPARK_MINOR_VERSION = "4.1"
@@ -58,8 +60,6 @@ SERVER_ONLY = (
     "spark.python.daemon.module",
 )
 
-SPARK_MASTER_SETTING = "K2_SPARK_MASTER"
-SPARK_REMOTE_SETTING = "K2_SPARK_REMOTE"
 DEFAULT_MASTER = "local[*]"
 # Shuffle partitions: on a local master, this many per core (AQE coalesces them further to what the data
 # needs); on a cluster, whose size K2 cannot see, Spark's own default.
@@ -184,26 +184,21 @@ class IcebergSparkResource(LazyPySparkResource):
     """
 
     iceberg: dg.ResourceDependency[IcebergCatalogResource]
-    master: str = DEFAULT_MASTER
-    remote: str = ""
+    master: str = Field(default="", description=f"empty: {SPARK_MASTER.name}, else {DEFAULT_MASTER}")
+    remote: str = Field(default="", description=f"Spark Connect address; empty: {SPARK_REMOTE.name}")
     app_name: str = "k2-maintenance"
     spark_config: dict[str, Any] = {}
 
-    @classmethod
-    def from_environment(
-        cls,
-        iceberg: IcebergCatalogResource,
-        app_name: str = "k2-maintenance",
-        spark_config: dict[str, Any] | None = None,
-    ) -> "IcebergSparkResource":
-        """The resource as a deployment configures it: K2_SPARK_MASTER or K2_SPARK_REMOTE, else local."""
-        return cls(
-            iceberg=iceberg,
-            master=os.environ.get(SPARK_MASTER_SETTING) or DEFAULT_MASTER,
-            remote=os.environ.get(SPARK_REMOTE_SETTING) or "",
-            app_name=app_name,
-            spark_config=spark_config or {},
-        )
+    def where(self) -> dict[str, str]:
+        """`spark.master` or `spark.remote`, from the resource's config, else the environment (read when
+        the session is built, not at import): a deployment sets K2_SPARK_MASTER or K2_SPARK_REMOTE."""
+        master = self.master or SPARK_MASTER.value()
+        remote = self.remote or SPARK_REMOTE.value()
+        if remote and master:
+            raise SparkConfigError(
+                f"Set either {SPARK_MASTER.name} ({master}) or {SPARK_REMOTE.name} ({remote}), not both"
+            )
+        return {"spark.remote": remote} if remote else {"spark.master": master or DEFAULT_MASTER}
 
     @property
     def catalog_name(self) -> str:
@@ -217,12 +212,8 @@ class IcebergSparkResource(LazyPySparkResource):
 
     def full_config(self) -> dict[str, Any]:
         """Everything the session is built with: master or remote, the catalog, then overrides."""
-        if self.remote and self.master != DEFAULT_MASTER:
-            raise SparkConfigError(
-                f"Set either {SPARK_MASTER_SETTING} ({self.master}) or {SPARK_REMOTE_SETTING} ({self.remote}), "
-                "not both"
-            )
-        where = {"spark.remote": self.remote} if self.remote else {"spark.master": self.master}
+        where = self.where()
+        remote = "spark.remote" in where
         base = {
             **where,
             "spark.app.name": self.app_name,
@@ -235,17 +226,17 @@ class IcebergSparkResource(LazyPySparkResource):
             "spark.driver.memory": "2g",
             # Adaptive execution coalesces small shuffle partitions and picks join strategies at run time.
             "spark.sql.adaptive.enabled": "true",
-            **({} if self.remote else shuffle_settings(self.master)),
+            **({} if remote else shuffle_settings(where["spark.master"])),
             **iceberg_spark_config(self.catalog_name, self.catalog_properties()),
         }
         config = {**base, **self.spark_config}
-        if self.remote:  # the Connect server holds these; a client setting them fails the session
+        if remote:  # the Connect server holds these; a client setting them fails the session
             config = {k: v for k, v in config.items() if k not in SERVER_ONLY}
         return config
 
     def _init_session(self) -> None:
         if self._spark_session is None:
-            if not self.remote:
+            if "spark.remote" not in self.where():
                 # PySpark starts local Python workers with $PYSPARK_PYTHON (default: python3 on the PATH).
                 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
                 discard_stopped_context()

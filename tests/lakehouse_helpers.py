@@ -20,6 +20,7 @@ import pytest
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 
 from k2_assets.bronze.tables import bronze_table_spec
+from k2_assets.partitions import floor_hour
 from k2_resources.devstack.registry import SchemaStore, start_registry_server
 from k2_resources.exchanges import EXCHANGES, ExchangeConfig
 from k2_resources.iceberg import IcebergCatalogResource
@@ -105,7 +106,7 @@ def lakehouse(home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Lakehouse
 
 
 def hour_of(moment: datetime) -> datetime:
-    return moment.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    return floor_hour(moment.astimezone(UTC))
 
 
 def hours(start: datetime, count: int) -> list[datetime]:

@@ -39,12 +39,8 @@ def settings(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def add_run(instance: dg.DagsterInstance, exchange: str, status: dg.DagsterRunStatus) -> str:
     """A run record as the daemon or a person would have left it (nothing executes)."""
-    from dagster._core.test_utils import create_run_for_test
-
-    job_name = f"bronze_{exchange}_ingestion"
-    return create_run_for_test(
-        instance, job_name=job_name, tags={INGESTION_TAG: exchange}, status=status
-    ).run_id
+    job = defs.resolve_job_def(f"bronze_{exchange}_ingestion")
+    return instance.create_run_for_job(job_def=job, tags={INGESTION_TAG: exchange}, status=status).run_id
 
 
 def failed_at(instance: dg.DagsterInstance, ended: float) -> str:

@@ -35,13 +35,13 @@ import pyarrow.compute as pc
 import pytest
 
 from k2_assets.instance import REPO_ROOT, WORKSPACE_FILE, prepare_dagster_home
+from k2_assets.partitions import hour_key
 from k2_resources.exchanges import EXCHANGES
 from k2_resources.settings import read_env_file
 from tests.conftest import k2, k2_env
 
 T = TypeVar("T")
 DAGSTER_BIN = Path(sys.executable).parent
-HOUR_KEY_FORMAT = "%Y-%m-%d-%H:00"
 TERMINAL_RUN_STATUSES = {"SUCCESS", "FAILURE", "CANCELED"}
 TERMINAL_BACKFILL_STATUSES = {"COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED", "CANCELED"}
 SERVICES_START_TIMEOUT = 180.0
@@ -236,10 +236,6 @@ def run_failure_text(run_id: str) -> str:
 def retry_decision(instance: Any, run_id: str) -> str | None:
     """The `dagster/will_retry` tag Dagster sets on a failed run once it has applied run_retries."""
     return instance.get_run_by_id(run_id).tags.get("dagster/will_retry")
-
-
-def hour_key(moment: datetime) -> str:
-    return moment.strftime(HOUR_KEY_FORMAT)
 
 
 def hours_between(start: datetime, end: datetime) -> list[str]:

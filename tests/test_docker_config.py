@@ -118,7 +118,7 @@ with dg.build_resources(resources) as built:
     report["iceberg_effective"] = {**(_ENV_CONFIG.get_catalog_config(iceberg.catalog_name) or {}),
                                    **iceberg.resolved_properties()}
     report["io_manager"] = type(built.iceberg_io_manager).__name__
-    report["engine"] = built.engine.engine
+    report["engine"] = built.engine.choice
     report["engine_spark"] = built.engine.spark.full_config()
 report["sensors"] = {s.name: s.default_status.value for s in repository.sensor_defs}
 json.dump(report, sys.stdout)

@@ -12,7 +12,7 @@ import dagster as dg
 import pytest
 
 from k2_assets.freshness import HourArrivalRule, LastUpdateRule, expected_hour, freshness_delay
-from k2_assets.partitions import HOUR_KEY_FORMAT
+from k2_assets.partitions import hour_key
 
 SILVER = dg.AssetKey("silver_binance_trades")
 BRONZE = dg.AssetKey("bronze_binance_trades")
@@ -23,7 +23,7 @@ def this_hour() -> datetime:
 
 
 def materialise(instance: dg.DagsterInstance, key: dg.AssetKey, hour: datetime | None = None) -> None:
-    partition = hour.strftime(HOUR_KEY_FORMAT) if hour else None
+    partition = hour_key(hour) if hour else None
     instance.report_runless_asset_event(dg.AssetMaterialization(key, partition=partition))
 
 
@@ -56,7 +56,7 @@ def test_an_hour_counts_only_once_materialised_after_it_closed(monkeypatch: pyte
         materialise(instance, SILVER, closed)
         arrived = rule.evaluate(instance, after_previous_deadline)
         assert arrived.passed
-        assert arrived.metadata["expected_partition"].value == closed.strftime(HOUR_KEY_FORMAT)
+        assert arrived.metadata["expected_partition"].value == hour_key(closed)
         # Fresh until the next hour's deadline, when the next hour is judged.
         next_deadline = closed + timedelta(hours=2, minutes=15)
         assert arrived.metadata["fresh_until"].value == next_deadline.timestamp()

@@ -22,7 +22,7 @@ import pytest
 from k2_assets.definitions import defs
 from k2_assets.gold.assets import GOLD_KEY
 from k2_assets.gold.tables import GOLD_TABLE_SPEC
-from k2_assets.partitions import HOUR_KEY_FORMAT
+from k2_assets.partitions import hour_key as key
 from k2_assets.silver.tables import silver_table_spec
 from k2_resources.exchanges import EXCHANGES, exchange
 from tests.lakehouse_helpers import Lakehouse, lakehouse
@@ -38,10 +38,6 @@ ALL_KEYS = {dg.AssetKey.from_user_string(k) for k in SILVER_KEYS} | {GOLD_KEY}
 WIDER_SKEW = {"max_future_skew_seconds": 3600.0}  # the "fix": producer clocks up to an hour ahead
 REPLAYED_HOUR = START + timedelta(hours=3)
 RERUN_HOUR = START + timedelta(hours=5)
-
-
-def key(moment: datetime) -> str:
-    return moment.strftime(HOUR_KEY_FORMAT)
 
 
 class Simulation:

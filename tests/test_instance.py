@@ -30,12 +30,11 @@ import yaml
 
 from k2_assets.instance import (
     POSTGRES_INSTANCE_FILE,
-    POSTGRES_SETTINGS,
     REPO_ROOT,
     SQLITE_INSTANCE_FILE,
     prepare_dagster_home,
 )
-from k2_resources.settings import read_env_file
+from k2_resources.settings import POSTGRES_SETTINGS, read_env_file
 from tests.conftest import k2, k2_env
 from tests.test_ci_launch import (
     DAGSTER_BIN,
@@ -53,6 +52,8 @@ from tests.test_ci_launch import (
     wait_for,
     wait_for_run,
 )
+
+POSTGRES_NAMES = [setting.name for setting in POSTGRES_SETTINGS]
 
 PG_HOST = os.environ.get("K2_TEST_PG_HOST", "127.0.0.1")
 PG_PORT = os.environ.get("K2_TEST_PG_PORT", "5432")
@@ -78,7 +79,7 @@ def test_postgres_variant_differs_from_the_default_only_in_storage() -> None:
     assert sqlite["storage"] == {"sqlite": {"base_dir": {"env": "K2_HOME"}}}
     postgres_db = postgres["storage"]["postgres"]["postgres_db"]
     from_env = sorted(value["env"] for value in postgres_db.values() if isinstance(value, dict))
-    assert from_env == sorted(POSTGRES_SETTINGS)
+    assert from_env == sorted(POSTGRES_NAMES)
     assert postgres_db["scheme"] == "postgresql+psycopg2"
     assert settings_without_storage(SQLITE_INSTANCE_FILE) == settings_without_storage(POSTGRES_INSTANCE_FILE)
     # Limits live in `concurrency:` only; the coordinator carries none (mixing them is a config error).
@@ -129,13 +130,13 @@ def assert_instance_settings(instance: dg.DagsterInstance) -> None:
 
 
 def test_postgres_home_needs_its_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in POSTGRES_SETTINGS:
+    for name in POSTGRES_NAMES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("K2_HOME", str(tmp_path))
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
     with pytest.raises(RuntimeError) as raised:
         prepare_dagster_home(tmp_path, postgres=True)
-    assert all(name in str(raised.value) for name in POSTGRES_SETTINGS)
+    assert all(name in str(raised.value) for name in POSTGRES_NAMES)
     assert not (tmp_path / "dagster_home" / "dagster.yaml").exists()
 
 

@@ -13,7 +13,7 @@ import pytest
 from k2_assets.definitions import defs
 from k2_assets.gold.assets import GOLD_KEY, SILVER_READ_AT
 from k2_assets.gold.sensors import MAX_REQUESTS_PER_TICK
-from k2_assets.partitions import HOUR_KEY_FORMAT
+from k2_assets.partitions import hour_key
 from k2_assets.silver.assets import EVENT_HOURS, EVENT_HOURS_ADDED, PASS_PARTITIONS
 
 SILVER = dg.AssetKey("silver_binance_trades")
@@ -27,7 +27,7 @@ def settings(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def hour(hours_ago: int) -> str:
-    return (datetime.now(UTC) - timedelta(hours=hours_ago)).strftime(HOUR_KEY_FORMAT)
+    return hour_key(datetime.now(UTC) - timedelta(hours=hours_ago))
 
 
 def silver_pass(instance: dg.DagsterInstance, partition: str, counts: dict[str, int], **extra) -> None:

@@ -14,13 +14,14 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from k2_resources.logs import LOG_FORMAT_SETTING, log_format, redact, secret_values
+from k2_resources.logs import log_format, redact, secret_values
+from k2_resources.settings import LOG_FORMAT
 from tests.conftest import k2
 
 
 def test_a_bad_log_format_names_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(LOG_FORMAT_SETTING, "yaml")
-    with pytest.raises(ValueError, match=LOG_FORMAT_SETTING):
+    monkeypatch.setenv(LOG_FORMAT.name, "yaml")
+    with pytest.raises(ValueError, match=LOG_FORMAT.name):
         log_format()
 
 

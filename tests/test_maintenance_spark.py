@@ -96,19 +96,16 @@ def test_unsupported_catalogs_are_refused_naming_the_setting(properties: dict[st
 
 def test_cluster_or_spark_connect_by_configuration(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     catalog = IcebergCatalogResource(properties={"type": "sql", "uri": f"sqlite:///{tmp_path}/c.db"})
-    assert IcebergSparkResource.from_environment(catalog).full_config()["spark.master"] == "local[*]"
+    assert IcebergSparkResource(iceberg=catalog).full_config()["spark.master"] == "local[*]"
     monkeypatch.setenv("K2_SPARK_MASTER", "spark://spark-master:7077")
-    assert (
-        IcebergSparkResource.from_environment(catalog).full_config()["spark.master"]
-        == "spark://spark-master:7077"
-    )
+    assert IcebergSparkResource(iceberg=catalog).full_config()["spark.master"] == "spark://spark-master:7077"
     monkeypatch.delenv("K2_SPARK_MASTER")
     monkeypatch.setenv("K2_SPARK_REMOTE", "sc://spark-connect:15002")
-    connect = IcebergSparkResource.from_environment(catalog).full_config()
+    connect = IcebergSparkResource(iceberg=catalog).full_config()
     assert connect["spark.remote"] == "sc://spark-connect:15002" and "spark.master" not in connect
     monkeypatch.setenv("K2_SPARK_MASTER", "yarn")
     with pytest.raises(SparkConfigError, match="K2_SPARK_MASTER"):
-        IcebergSparkResource.from_environment(catalog).full_config()
+        IcebergSparkResource(iceberg=catalog).full_config()
 
 
 @pytest.fixture()
@@ -188,7 +185,7 @@ def test_maintenance_through_spark_connect_by_configuration_alone(
         # session starts; set through monkeypatch, it is removed again after this test, so the
         # classic-Spark tests that run next in this process (and the Dagster processes they start) stay classic.
         monkeypatch.setenv("SPARK_CONNECT_MODE_ENABLED", "1")
-        resource = IcebergSparkResource.from_environment(catalog)
+        resource = IcebergSparkResource(iceberg=catalog)
         spark = resource.spark_session
         assert type(spark).__module__.startswith("pyspark.sql.connect")
         target = next(t for t in TARGETS if t.spec.name == BRONZE_SPEC.name)

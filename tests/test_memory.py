@@ -34,6 +34,7 @@ import pytest
 
 from bench._common import ChildResult, FramedTrade, dagster_child_args, framed_trades, k2_child_env, run_child
 from k2_assets.bronze.tables import bronze_table_spec
+from k2_assets.partitions import hour_key
 from k2_resources.exchanges import exchange
 from k2_resources.iceberg import IcebergCatalogResource
 from k2_resources.settings import SCHEMA_REGISTRY_URL
@@ -95,9 +96,7 @@ def land_bronze_hour(pool: list[FramedTrade], rows: int, hour: datetime, first_o
 def materialise_silver(home: Path, hour: datetime, rows: int) -> ChildResult:
     """Materialise the Silver partition of `hour` in a child; check every Bronze row reached Silver."""
     config = {"resources": {"iceberg_io_manager": {"config": {"chunk_rows": CHUNK_ROWS}}}}
-    args = dagster_child_args(
-        select=SILVER_KEYS, partition=hour.strftime("%Y-%m-%d-%H:00"), run_config=config
-    )
+    args = dagster_child_args(select=SILVER_KEYS, partition=hour_key(hour), run_config=config)
     result = run_child(args, k2_child_env(home), CHILD_TIMEOUT_SECONDS)
     summary = result.summary()
     assert summary["success"], summary["errors"]

@@ -28,9 +28,9 @@ def sleeper() -> Iterator[subprocess.Popen]:
 
 def started_run(instance: dg.DagsterInstance, pid: int) -> str:
     """A run that its worker (pid) started, as RUN_START records it."""
-    from dagster._core.test_utils import create_run_for_test
-
-    run = create_run_for_test(instance, job_name="bronze_binance_ingestion")
+    run = instance.create_run_for_job(
+        job_def=defs.resolve_job_def("bronze_binance_ingestion"), status=dg.DagsterRunStatus.NOT_STARTED
+    )
     event = dg.DagsterEvent(
         event_type_value=dg.DagsterEventType.RUN_START.value, job_name=run.job_name, pid=pid
     )

@@ -28,12 +28,13 @@ from pyiceberg.partitioning import PartitionSpec
 
 from k2_assets.gold.tables import GOLD_TABLE_SPEC
 from k2_assets.instance import REPO_ROOT, prepare_dagster_home
-from k2_assets.partitions import HOUR_KEY_FORMAT
+from k2_assets.partitions import hour_key as key
 from k2_assets.silver.tables import DLQ_TABLE_SPEC, silver_table_spec
-from k2_resources.engine import ENGINE_SETTING, ENGINE_SPARK_CONFIG, EngineResource, engine_from_environment
+from k2_resources.engine import ENGINE_SPARK_CONFIG, EngineResource
 from k2_resources.exchanges import exchange
 from k2_resources.iceberg import IcebergCatalogResource
 from k2_resources.io_manager import RowScope
+from k2_resources.settings import ENGINE
 from k2_resources.spark import IcebergSparkResource
 from tests.conftest import k2_env
 from tests.lakehouse_helpers import Lakehouse, hour_of, lakehouse
@@ -44,18 +45,19 @@ SPARK_ENV = {"K2_ENGINE": "spark", "K2_SPARK_MASTER": "local[2]", "K2_AUTOMATION
 RUN_TIMEOUT = 1500.0  # a run on Spark pays a JVM start and Iceberg's runtime; the machine is shared
 
 
-def key(moment: datetime) -> str:
-    return moment.strftime(HOUR_KEY_FORMAT)
-
-
-def test_the_engine_setting_is_checked_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(ENGINE_SETTING, raising=False)
-    assert engine_from_environment() == "embedded"
-    monkeypatch.setenv(ENGINE_SETTING, "Spark")
-    assert engine_from_environment() == "spark"
-    monkeypatch.setenv(ENGINE_SETTING, "duckdb")
-    with pytest.raises(ValueError, match=ENGINE_SETTING):
-        engine_from_environment()
+def test_the_engine_setting_is_read_when_used_and_checked_naming_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    catalog = IcebergCatalogResource(properties={"type": "sql", "uri": f"sqlite:///{tmp_path}/c.db"})
+    engine = EngineResource.for_catalog(catalog)  # built once, as the code location builds it
+    monkeypatch.delenv(ENGINE.name, raising=False)
+    assert engine.choice == "embedded" and not engine.on_spark
+    monkeypatch.setenv(ENGINE.name, "Spark")
+    assert engine.choice == "spark" and engine.on_spark
+    monkeypatch.setenv(ENGINE.name, "duckdb")
+    with pytest.raises(ValueError, match=ENGINE.name):
+        _ = engine.on_spark
+    assert EngineResource(engine="spark", spark=engine.spark).on_spark  # run config wins over the setting
 
 
 @dataclass

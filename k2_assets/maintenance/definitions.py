@@ -14,5 +14,5 @@ defs = dg.Definitions(
     jobs=list(maintenance_jobs.values()),
     schedules=maintenance_schedules,
     # The same (environment-configured) catalog as the `iceberg` resource every layer uses.
-    resources={"spark": IcebergSparkResource.from_environment(IcebergCatalogResource())},
+    resources={"spark": IcebergSparkResource(iceberg=IcebergCatalogResource())},
 )

@@ -13,7 +13,6 @@ by default when K2_ALERT_WEBHOOK_URL is set, and are stopped otherwise.
 # No `from __future__ import annotations`: Dagster reads the sensors' resource parameter annotations.
 
 import json
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 
@@ -22,7 +21,6 @@ import dagster as dg
 from k2_assets.bronze.assets import bronze_asset_key
 from k2_assets.bronze.sensors import HALTED_CHECK, failure_errors, ingestion_state
 from k2_resources.alerting import (
-    WEBHOOK_URL_SETTING,
     AlertBook,
     AlertSettings,
     AlertWebhookResource,
@@ -30,6 +28,7 @@ from k2_resources.alerting import (
     notify,
 )
 from k2_resources.exchanges import EXCHANGES
+from k2_resources.settings import ALERT_WEBHOOK_URL
 
 ALERT_INTERVAL_SECONDS = 60
 PARTITION_TAG = "dagster/partition"
@@ -40,7 +39,7 @@ CHECK_EVENTS_PER_TICK = 200  # per check: evaluations newer than the cursor
 
 def alert_status() -> dg.DefaultSensorStatus:
     """Alerts run once there is somewhere to send them."""
-    configured = bool(os.environ.get(WEBHOOK_URL_SETTING))
+    configured = ALERT_WEBHOOK_URL.is_set()
     return dg.DefaultSensorStatus.RUNNING if configured else dg.DefaultSensorStatus.STOPPED
 
 

@@ -14,7 +14,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import dagster as dg
 from confluent_kafka import Consumer, KafkaException
@@ -27,7 +27,7 @@ from k2_assets.bronze.sensors import NEEDS_A_PERSON, failure_errors, ingestion_s
 from k2_assets.bronze.tables import bronze_table_spec
 from k2_assets.gold.assets import GOLD_KEY
 from k2_assets.operations.alerts import run_partition
-from k2_assets.partitions import HOUR_KEY_FORMAT
+from k2_assets.partitions import HOUR, hour_key, hour_start
 from k2_assets.silver.assets import silver_asset_key
 from k2_assets.silver.checks import CONSERVATION, DLQ_RATE
 from k2_resources.exchanges import EXCHANGES, ExchangeConfig
@@ -243,7 +243,7 @@ class K2Metrics:
         categories = GaugeMetricFamily(
             "k2_silver_dlq_category_rows", "DLQ rows of the hour by category", labels=[*labels, "category"]
         )
-        oldest = (datetime.fromtimestamp(now, UTC) - timedelta(hours=SILVER_HOURS)).strftime(HOUR_KEY_FORMAT)
+        oldest = hour_key(datetime.fromtimestamp(now, UTC) - SILVER_HOURS * HOUR)
         for exchange in EXCHANGES:
             key = silver_asset_key(exchange)
             counts = self._latest_per_partition(key, CONSERVATION, 4 * SILVER_HOURS)
@@ -269,8 +269,7 @@ class K2Metrics:
         keys = [("silver", silver_asset_key(e)) for e in EXCHANGES] + [("gold", GOLD_KEY)]
         for layer, key in keys:
             ends = [
-                datetime.strptime(p, HOUR_KEY_FORMAT).replace(tzinfo=UTC).timestamp() + 3600
-                for p in self.instance.get_materialized_partitions(key)
+                (hour_start(p) + HOUR).timestamp() for p in self.instance.get_materialized_partitions(key)
             ]
             closed = [end for end in ends if end <= now]
             if closed:

@@ -37,6 +37,7 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from k2_resources.exchanges import ExchangeConfig
+from k2_resources.settings import DEVSTACK_KAFKA, KAFKA_JARS
 
 KAFKA_VERSION = "4.1.1"
 SCALA_VERSION = "2.13"
@@ -46,8 +47,6 @@ STORAGE_TOOL_CLASS = "kafka.tools.StorageTool"
 HOST = "127.0.0.1"
 SASL_USER = "k2"
 
-KAFKA_IMPL_SETTING = "K2_DEVSTACK_KAFKA"  # apache (default) | mock
-KAFKA_JARS_SETTING = "K2_KAFKA_JARS"  # folder of the broker's jars (default: the Maven-resolved cache)
 # A small heap and the serial collector: one dev broker shares two cores with Dagster and the tests.
 JVM_OPTIONS = (
     "-Xms64m",
@@ -119,10 +118,10 @@ class SaslCredentials:
 
 def kafka_impl() -> str:
     """Which Kafka the dev stack runs: `apache` (a real broker, the default) or the librdkafka `mock`."""
-    value = os.environ.get(KAFKA_IMPL_SETTING, "apache").strip().lower()
-    if value not in ("apache", "mock"):
-        raise KafkaSetupError(f"{KAFKA_IMPL_SETTING} must be 'apache' or 'mock', not {value!r}")
-    return value
+    try:
+        return DEVSTACK_KAFKA.value()
+    except ValueError as err:
+        raise KafkaSetupError(str(err)) from None
 
 
 def describe() -> str:
@@ -135,7 +134,7 @@ def describe() -> str:
 
 
 def jars_dir() -> Path:
-    configured = os.environ.get(KAFKA_JARS_SETTING)
+    configured = KAFKA_JARS.raw()
     if configured:
         return Path(configured).expanduser().resolve()
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
@@ -151,13 +150,13 @@ def install_jars(timeout: float = 900.0) -> Path:
     folder = jars_dir()
     if _installed(folder):
         return folder
-    if os.environ.get(KAFKA_JARS_SETTING):
-        raise KafkaSetupError(f"{KAFKA_JARS_SETTING}={folder} holds no Kafka {KAFKA_VERSION} jars")
+    if KAFKA_JARS.is_set():
+        raise KafkaSetupError(f"{KAFKA_JARS.name}={folder} holds no Kafka {KAFKA_VERSION} jars")
     mvn = shutil.which("mvn")
     if mvn is None:
         raise KafkaSetupError(
             "Maven (`mvn`) is needed once to fetch the Kafka broker's jars from Maven Central; install it, "
-            f"point {KAFKA_JARS_SETTING} at a folder of Kafka jars, or set {KAFKA_IMPL_SETTING}=mock"
+            f"point {KAFKA_JARS.name} at a folder of Kafka jars, or set {DEVSTACK_KAFKA.name}=mock"
         )
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent) as work:
@@ -190,7 +189,7 @@ def java_executable() -> str:
     if not java or not Path(java).exists():
         raise KafkaSetupError(
             "Java 17+ is needed to run the dev stack's Kafka broker (set JAVA_HOME or put `java` on PATH), "
-            f"or set {KAFKA_IMPL_SETTING}=mock to use librdkafka's in-memory mock cluster instead"
+            f"or set {DEVSTACK_KAFKA.name}=mock to use librdkafka's in-memory mock cluster instead"
         )
     return java
 

@@ -413,7 +413,7 @@ def start_devstack(
                 host_pid = process.pid
             if mock:
                 print(
-                    f"k2 devstack: using {MOCK_KAFKA} because {broker.KAFKA_IMPL_SETTING}=mock",
+                    f"k2 devstack: using {MOCK_KAFKA} because {broker.DEVSTACK_KAFKA.name}=mock",
                     file=sys.stderr,
                 )
             elif broker.live_broker(home) is None:
