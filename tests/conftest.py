@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from k2_resources.settings import read_env_file
+from k2_resources.settings import KAFKA_BOOTSTRAP_SERVERS, SCHEMA_REGISTRY_URL, read_env_file
 
 
 def k2_env(home: Path, **extra: str) -> dict[str, str]:
@@ -45,6 +45,14 @@ DEVSTACK_UP_SECONDS = 180
 def devstack_up(home: Path) -> None:
     """`k2 devstack up` at `home`, with the patience of a loaded CI machine."""
     k2("devstack", "up", "--timeout", str(DEVSTACK_UP_SECONDS), home=home, timeout=DEVSTACK_UP_SECONDS + 60)
+
+
+@pytest.fixture()
+def unreachable_addresses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kafka and registry addresses that nothing listens on: creating a run resolves resource config,
+    and a test that builds runs without running them must not depend on a dev stack."""
+    monkeypatch.setenv(KAFKA_BOOTSTRAP_SERVERS, "127.0.0.1:9")
+    monkeypatch.setenv(SCHEMA_REGISTRY_URL, "http://127.0.0.1:9")
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,7 @@ SILVER = dg.AssetKey("silver_binance_trades")
 GOLD = dg.AssetKey("gold_crypto_trades")
 
 
-@pytest.fixture(autouse=True)
-def settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Creating a run resolves resource config; nothing here connects to these addresses."""
-    monkeypatch.setenv("K2_KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9")
-    monkeypatch.setenv("K2_SCHEMA_REGISTRY_URL", "http://127.0.0.1:9")
+pytestmark = pytest.mark.usefixtures("unreachable_addresses")
 
 
 def tick(instance: dg.DagsterInstance, at: datetime, cursor=None):

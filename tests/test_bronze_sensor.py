@@ -30,11 +30,7 @@ def evaluate(name: str, instance: dg.DagsterInstance, cursor: str | None = None)
     )
 
 
-@pytest.fixture(autouse=True)
-def settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Creating a run resolves resource config; nothing here connects to these addresses."""
-    monkeypatch.setenv("K2_KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9")
-    monkeypatch.setenv("K2_SCHEMA_REGISTRY_URL", "http://127.0.0.1:9")
+pytestmark = pytest.mark.usefixtures("unreachable_addresses")
 
 
 def add_run(instance: dg.DagsterInstance, exchange: str, status: dg.DagsterRunStatus) -> str:

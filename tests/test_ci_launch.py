@@ -298,10 +298,8 @@ def user_jobs(defs: Any) -> list[str]:
 
 
 @pytest.fixture()
-def k2_definitions(monkeypatch: pytest.MonkeyPatch) -> Any:
+def k2_definitions(unreachable_addresses: None) -> Any:
     """The code location's Definitions; resource settings get placeholders (nothing is contacted)."""
-    monkeypatch.setenv("K2_KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9")
-    monkeypatch.setenv("K2_SCHEMA_REGISTRY_URL", "http://127.0.0.1:9")
     from k2_assets.definitions import defs
 
     return defs

@@ -19,11 +19,7 @@ from k2_assets.silver.assets import EVENT_HOURS, EVENT_HOURS_ADDED, PASS_PARTITI
 SILVER = dg.AssetKey("silver_binance_trades")
 
 
-@pytest.fixture(autouse=True)
-def settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Creating a run resolves resource config; nothing here connects to these addresses."""
-    monkeypatch.setenv("K2_KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9")
-    monkeypatch.setenv("K2_SCHEMA_REGISTRY_URL", "http://127.0.0.1:9")
+pytestmark = pytest.mark.usefixtures("unreachable_addresses")
 
 
 def hour(hours_ago: int) -> str:

@@ -15,6 +15,8 @@ import pytest
 from k2_assets.definitions import defs
 from k2_assets.run_supervision import worker_alive
 
+pytestmark = pytest.mark.usefixtures("unreachable_addresses")
+
 
 @pytest.fixture()
 def sleeper() -> Iterator[subprocess.Popen]:
