@@ -18,7 +18,6 @@ if TYPE_CHECKING:
     import dagster as dg
 
 SIMULATED_HOURS = 3
-TRADES_PER_EXCHANGE = {"binance": 6_000, "kraken": 3_000}
 FAULT_RATE = "all=0.0005"
 
 
@@ -73,16 +72,17 @@ def hour_key(moment: datetime) -> str:
 
 
 def produce_trades(now: datetime) -> dict[str, dict]:
+    """Each exchange's `run_trades` (k2_resources/exchanges.py) spread over the simulated hours."""
+    from k2_resources.exchanges import EXCHANGES
     from k2_resources.simulator import produce
 
     reports = {}
-    for name, count in TRADES_PER_EXCHANGE.items():
-        rate = count / (SIMULATED_HOURS * 3600)
+    for exchange in EXCHANGES:
+        rate = exchange.run_trades / (SIMULATED_HOURS * 3600)
         start = now - timedelta(hours=SIMULATED_HOURS)
-        reports[name] = produce(name, count, rate=rate, start=start, faults=FAULT_RATE, seed=None)
-        print(
-            f"produced {reports[name]['count']} {name} records from {reports[name]['start']} to {reports[name]['end']}"
-        )
+        report = produce(exchange, exchange.run_trades, rate=rate, start=start, faults=FAULT_RATE, seed=None)
+        reports[exchange.name] = report
+        print(f"produced {report['count']} {exchange.name} records from {report['start']} to {report['end']}")
     return reports
 
 

@@ -16,6 +16,7 @@ import pytest
 from k2_assets.definitions import defs
 from k2_assets.operations.alerts import RANGE_END_TAG, RANGE_START_TAG
 from k2_assets.partitions import HOUR_KEY_FORMAT
+from k2_resources.exchanges import EXCHANGES
 from k2_resources.iceberg import IcebergCatalogResource, TableSpec
 
 # Which DLQ category each simulator fault kind must land in.
@@ -91,13 +92,13 @@ def materialize(
     return job.execute_in_process(instance=instance, asset_selection=selection, tags=tags, **kwargs)
 
 
-SILVER_KEYS = [k for e in ("binance", "kraken") for k in (f"silver_{e}_trades", f"silver_dlq_trades/{e}")]
+SILVER_KEYS = [k for e in EXCHANGES for k in (f"silver_{e.name}_trades", f"silver_dlq_trades/{e.name}")]
 
 
 def build_silver(instance: dg.DagsterInstance) -> dg.ExecuteInProcessResult:
     """Drain every exchange's Bronze ingestion, then materialise Silver for this hour and the last."""
-    for name in ("binance", "kraken"):
-        drain(name, instance)
+    for exchange in EXCHANGES:
+        drain(exchange.name, instance)
     return materialize(instance, SILVER_KEYS, hours_back(1), this_hour())
 
 

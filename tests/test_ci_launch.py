@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -286,7 +287,8 @@ def instance_environment(home: Path, **extra: str) -> Iterator[dict[str, str]]:
 
 
 # --------------------------------------------------------------------------------------------------
-# run_config/: one checked-in run config per job, valid for it
+# run_config/: one checked-in run config per job that is not per exchange, valid for it; a per-exchange
+# job runs with its defaults (run_config/README.md), so adding an exchange adds no file
 # --------------------------------------------------------------------------------------------------
 
 RUN_CONFIG_DIR = REPO_ROOT / "run_config"
@@ -305,9 +307,22 @@ def k2_definitions(unreachable_addresses: None) -> Any:
     return defs
 
 
-def test_every_job_has_exactly_one_run_config(k2_definitions: Any) -> None:
+def per_exchange(job: str) -> bool:
+    return any(re.search(rf"(^|_){e.name}_", job) for e in EXCHANGES)
+
+
+def test_every_job_not_per_exchange_has_exactly_one_run_config(k2_definitions: Any) -> None:
     configs = sorted(p.stem for p in RUN_CONFIG_DIR.glob("*.yaml"))
-    assert configs == user_jobs(k2_definitions)
+    assert configs == [j for j in user_jobs(k2_definitions) if not per_exchange(j)]
+
+
+def test_every_per_exchange_job_runs_with_its_defaults(k2_definitions: Any) -> None:
+    import dagster as dg
+
+    jobs = [j for j in user_jobs(k2_definitions) if per_exchange(j)]
+    assert len(jobs) == 5 * len(EXCHANGES), jobs
+    for name in jobs:
+        assert dg.validate_run_config(k2_definitions.resolve_job_def(name), {})["ops"], name
 
 
 @pytest.mark.parametrize("path", sorted(RUN_CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.stem)

@@ -1,7 +1,9 @@
 """Native exchange messages -> V2 trade records: the code a live feed handler and the simulator share.
 
 Each exchange has a module here (`k2_resources.feeds.<name>`, found through `ExchangeConfig.feed_module`)
-exposing `to_v2(message, exchange, received_at_us, next_sequence) -> list[dict]`. The helpers below keep
+exposing `to_v2(message, exchange, received_at_us, next_sequence) -> list[dict]`, the live protocol
+(protocol.py) and `simulated_message(market, book)`, the simulator's trade rendered as that exchange's
+native frame, so one module holds everything that knows the exchange's format. The helpers below keep
 the mappings strict in the same way: prices and quantities must survive as exact decimals (the V2
 contract is decimal(18, 8)), and anything malformed is a `ValueError` a handler counts and skips rather
 than a half-filled record that Silver would have to explain later.

@@ -7,7 +7,9 @@ the aggressor side V2 records.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
+from decimal import Decimal
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -23,6 +25,7 @@ from k2_resources.feeds import (
     v2_record,
 )
 from k2_resources.feeds.protocol import Classified, Kind
+from k2_resources.simulator.market import Book, Market, NativeMessage
 
 EVENT_TYPE = "trade"
 MAX_CONNECTION_SECONDS = 24 * 3600.0  # Binance closes every connection after 24 hours
@@ -74,6 +77,29 @@ def to_v2(
         },
     )
     return [record]
+
+
+def simulated_message(market: Market, book: Book) -> NativeMessage:
+    """The simulator's trade as a combined-stream `trade` event: prices as 8-dp strings, times in ms."""
+    trade_ms = market.next_slot_us() // 1000
+    event_ms = trade_ms + market.rng.randint(0, 5)
+    buyer_is_maker = market.rng.random() < 0.5
+    price = Decimal(market.step_price(book, "sell" if buyer_is_maker else "buy"))
+    event = {
+        "e": EVENT_TYPE,
+        "E": event_ms,
+        "s": book.instrument.symbol,
+        "t": book.next_trade_id,
+        "p": f"{price:.8f}",
+        "q": f"{market.quantity(book.instrument):.8f}",
+        "T": trade_ms,
+        "m": buyer_is_maker,
+        "M": True,
+    }
+    book.take_trade_id()
+    stream = f"{book.instrument.symbol.lower()}@{EVENT_TYPE}"
+    text = json.dumps({"stream": stream, "data": event}, separators=(",", ":"))
+    return NativeMessage(text, event_ms * 1000 + market.latency_us())
 
 
 # The live protocol (https://developers.binance.com/docs/binance-spot-api-docs/web-socket-streams):

@@ -8,6 +8,7 @@ exact. Symbols may use Kraken's legacy `XBT`; `ExchangeConfig.normalise_symbol` 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -17,16 +18,20 @@ from k2_resources.feeds import (
     MessageIdFactory,
     SequenceFactory,
     field,
+    micros_to_datetime,
     new_message_id,
     quote_currency,
     to_decimal,
     v2_record,
 )
 from k2_resources.feeds.protocol import Classified, Kind
+from k2_resources.simulator.market import Book, Market, NativeMessage
 
 CHANNEL = "trade"
 MESSAGE_TYPES = ("snapshot", "update")
 SIDES = {"buy": "BUY", "sell": "SELL"}
+SIMULATED_MAX_SWEEP = 5  # trades in one simulated message: one taker order sweeping price levels
+SIMULATED_LEGACY_SHARE = 0.25  # share of simulated BTC/DOGE messages spelt the v1 way (XBT/USD, XDG/USD)
 
 
 def to_v2(
@@ -94,6 +99,39 @@ def parse_timestamp(text: str) -> datetime:
     if moment.tzinfo is None:
         raise ValueError(f"Kraken trade timestamp has no UTC offset: {text!r}")
     return moment.astimezone(UTC)
+
+
+def simulated_message(market: Market, book: Book) -> NativeMessage:
+    """The simulator's trades as a v2 `trade` message: one taker order sweeping 1-5 price levels, all at
+    one timestamp; the book's first message is the `snapshot`, later ones are `update`s."""
+    count = market.rng.randint(1, SIMULATED_MAX_SWEEP)
+    trade_us = market.next_slot_us()
+    market.skip_slots(count - 1)
+    side = market.rng.choice(tuple(SIDES))
+    order_type = "market" if market.rng.random() < 0.4 else "limit"
+    symbol = book.instrument.symbol
+    if book.instrument.legacy_symbol and market.rng.random() < SIMULATED_LEGACY_SHARE:
+        symbol = book.instrument.legacy_symbol
+    stamp = micros_to_datetime(trade_us).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    trades = [
+        _simulated_trade(market, book, symbol, side, order_type, stamp, level) for level in range(count)
+    ]
+    message_type = MESSAGE_TYPES[0] if book.messages == 0 else MESSAGE_TYPES[1]
+    book.messages += 1
+    text = f'{{"channel":"{CHANNEL}","type":"{message_type}","data":[{",".join(trades)}]}}'
+    return NativeMessage(text, trade_us + market.latency_us())
+
+
+def _simulated_trade(
+    market: Market, book: Book, symbol: str, side: str, order_type: str, stamp: str, level: int
+) -> str:
+    """One entry of `data`, written by hand so price and qty are JSON numbers with exact digits."""
+    price = market.step_price(book, side) if level == 0 else market.next_level(book, side)
+    quantity = format(market.quantity(book.instrument).normalize(), "f")
+    return (
+        f'{{"symbol":{json.dumps(symbol)},"side":"{side}","price":{price},"qty":{quantity},'
+        f'"ord_type":"{order_type}","trade_id":{book.take_trade_id()},"timestamp":"{stamp}"}}'
+    )
 
 
 # The live protocol (https://docs.kraken.com/api/docs/websocket-v2/trade): subscribe to the `trade`
