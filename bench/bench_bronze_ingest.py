@@ -135,7 +135,7 @@ def committed_offsets(consumer: Consumer, topic: str) -> list[int]:
 
 def ingestion_command(exchange: str, max_batch: int, commit_interval: float) -> list[str]:
     return [
-        sys.executable, "-m", "k2_resources.cli", "ingest", "--exchange", exchange,
+        sys.executable, "-m", "k2_assets.cli", "ingest", "--exchange", exchange,
         "--max-batch-records", str(max_batch), "--commit-interval-seconds", str(commit_interval),
         "--max-runtime-seconds", str(24 * 3600),
     ]  # fmt: skip

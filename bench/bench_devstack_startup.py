@@ -34,7 +34,7 @@ def k2(home: Path, *args: str, **env: str) -> float:
     environment = {k: v for k, v in os.environ.items() if not k.startswith("K2_")}
     started = time.perf_counter()
     subprocess.run(
-        [sys.executable, "-m", "k2_resources.cli", *args],
+        [sys.executable, "-m", "k2_assets.cli", *args],
         env={**environment, "K2_HOME": str(home), **env},
         check=True,
         capture_output=True,

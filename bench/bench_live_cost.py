@@ -59,7 +59,7 @@ COMPONENTS = (
     ("code-server", "code-server"),
     ("api grpc", "code-server-grpc"),
     ("dagster dev", "dagster-dev"),
-    ("k2_resources.cli dev", "k2-dev"),
+    ("k2_assets.cli dev", "k2-dev"),
 )
 
 
@@ -229,7 +229,7 @@ def bronze_lag_records(kafka, consumer, catalog) -> dict[str, int]:
 def start_producers(env: dict[str, str], rates: dict[str, float], logs: Path) -> list[subprocess.Popen]:
     processes = []
     for exchange, rate in rates.items():
-        command = [sys.executable, "-m", "k2_resources.cli", "produce", "--exchange", exchange]
+        command = [sys.executable, "-m", "k2_assets.cli", "produce", "--exchange", exchange]
         command += ["--count", "1000000000", "--rate", str(rate), "--start", "now", "--realtime"]
         with (logs / f"produce-{exchange}.log").open("wb") as log:
             processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
@@ -359,7 +359,7 @@ def measure(args: argparse.Namespace) -> dict:
         top, memory = make_cgroups(tag)
         watcher = Watcher(top, memory)
         thread = threading.Thread(target=watcher.run, daemon=True)
-        command = [sys.executable, "-m", "k2_resources.cli", "dev", "--no-simulator", "-p", str(args.port)]
+        command = [sys.executable, "-m", "k2_assets.cli", "dev", "--no-simulator", "-p", str(args.port)]
         log = (logs / "k2-dev.log").open("wb")
         started = time.monotonic()
         dev = subprocess.Popen(

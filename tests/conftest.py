@@ -25,7 +25,7 @@ def k2(
     """Run the `k2` CLI in a subprocess with K2_HOME=home, as a user would; a failure shows its stderr."""
     env = k2_env(home, **(env or {}))
     done = subprocess.run(
-        [sys.executable, "-m", "k2_resources.cli", *args],
+        [sys.executable, "-m", "k2_assets.cli", *args],
         env=env,
         capture_output=True,
         text=True,

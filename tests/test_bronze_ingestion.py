@@ -171,7 +171,7 @@ def test_sigkill_at_random_moments_then_restart(fresh_devstack: Path) -> None:
     command = [
         sys.executable,
         "-m",
-        "k2_resources.cli",
+        "k2_assets.cli",
         "ingest",
         "--exchange",
         "binance",
@@ -240,7 +240,7 @@ def test_two_ingestion_processes_at_once_leave_exact_rows(fresh_devstack: Path) 
     command = [
         sys.executable,
         "-m",
-        "k2_resources.cli",
+        "k2_assets.cli",
         "ingest",
         "--exchange",
         "binance",

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from k2_assets.instance import REPO_ROOT
+from k2_assets.cli.instance import REPO_ROOT
 from k2_resources.exchanges import EXCHANGES
 from tests.conftest import k2
 from tests.test_ci_launch import dagster_services, hour_key, instance_environment

@@ -35,7 +35,7 @@ import psutil
 import pyarrow.compute as pc
 import pytest
 
-from k2_assets.instance import REPO_ROOT, WORKSPACE_FILE, prepare_dagster_home
+from k2_assets.cli.instance import REPO_ROOT, WORKSPACE_FILE, prepare_dagster_home
 from k2_assets.partitions import hour_key
 from k2_resources.exchanges import EXCHANGES
 from k2_resources.settings import read_env_file

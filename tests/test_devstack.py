@@ -256,7 +256,10 @@ def test_missing_java_fails_clearly(tmp_path: Path) -> None:
 
 def test_invalid_kafka_choice_names_the_setting(tmp_path: Path) -> None:
     result = k2("devstack", "up", home=tmp_path.resolve(), env={"K2_DEVSTACK_KAFKA": "redpanda"}, check=False)
-    assert result.returncode == 1 and "K2_DEVSTACK_KAFKA must be 'apache' or 'mock'" in result.stderr
+    assert (
+        result.returncode == 1
+        and "K2_DEVSTACK_KAFKA must be one of apache, mock, not 'redpanda'" in result.stderr
+    )
 
 
 def _v2_record() -> dict[str, object]:

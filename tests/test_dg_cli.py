@@ -18,7 +18,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from k2_assets.instance import REPO_ROOT
+from k2_assets.cli.instance import REPO_ROOT
 from k2_resources.exchanges import exchange
 from tests.test_ci_launch import (
     DAGSTER_BIN,

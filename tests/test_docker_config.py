@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from k2_assets.instance import POSTGRES_INSTANCE_FILE, REPO_ROOT
+from k2_assets.cli.instance import POSTGRES_INSTANCE_FILE, REPO_ROOT
 from k2_resources.exchanges import EXCHANGES
 
 DOCKER_DIR = REPO_ROOT / "docker"

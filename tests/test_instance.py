@@ -28,7 +28,7 @@ import psycopg2
 import pytest
 import yaml
 
-from k2_assets.instance import (
+from k2_assets.cli.instance import (
     POSTGRES_INSTANCE_FILE,
     REPO_ROOT,
     SQLITE_INSTANCE_FILE,
@@ -366,7 +366,7 @@ def test_k2_dev_streams_into_bronze_and_stops_everything(tmp_path: Path) -> None
     env = k2_env(home)
     with log.open("ab") as out:
         dev = subprocess.Popen(
-            [sys.executable, "-m", "k2_resources.cli", "dev", "--port", str(port), "--rate", "50"],
+            [sys.executable, "-m", "k2_assets.cli", "dev", "--port", str(port), "--rate", "50"],
             cwd=REPO_ROOT,
             env=env,
             stdout=out,

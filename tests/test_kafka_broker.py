@@ -344,7 +344,7 @@ def test_broker_sigkill_during_ingestion_loses_and_doubles_nothing(fresh_devstac
         [
             sys.executable,
             "-m",
-            "k2_resources.cli",
+            "k2_assets.cli",
             "ingest",
             "--exchange",
             "binance",

@@ -505,7 +505,7 @@ def test_k2_feed_stopped_with_ctrl_c_flushes_every_trade_it_counted(
         command = [
             sys.executable,
             "-m",
-            "k2_resources.cli",
+            "k2_assets.cli",
             "feed",
             "--exchange",
             "binance",

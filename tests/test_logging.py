@@ -45,7 +45,7 @@ def json_lines(text: str) -> list[dict]:
 def test_json_logs_carry_run_asset_partition_exchange_and_no_password(
     fresh_devstack: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
 ) -> None:
-    from k2_assets.instance import prepare_dagster_home
+    from k2_assets.cli.instance import prepare_dagster_home
     from k2_assets.silver.assets import dlq_asset_key, silver_asset_key
     from k2_resources.devstack import kafka as dev_kafka
     from k2_resources.exchanges import exchange

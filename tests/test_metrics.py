@@ -34,7 +34,7 @@ DOCKER = REPO / "docker"
 def exporter(env: dict[str, str]) -> Iterator[tuple[str, subprocess.Popen]]:
     """`k2 metrics --port 0` in its own process; yields its URL once it listens."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "k2_resources.cli", "metrics", "--port", "0"],
+        [sys.executable, "-m", "k2_assets.cli", "metrics", "--port", "0"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -94,8 +94,8 @@ def test_scrape_of_an_empty_instance_is_valid_text_format(tmp_path: Path) -> Non
 
 
 def test_metrics_from_a_real_pipeline_survive_an_exporter_restart(fresh_devstack: Path) -> None:
+    from k2_assets.cli.instance import prepare_dagster_home
     from k2_assets.definitions import defs
-    from k2_assets.instance import prepare_dagster_home
     from k2_assets.silver.assets import dlq_asset_key, silver_asset_key
     from k2_resources.exchanges import exchange
     from tests.pipeline_helpers import hours_back, materialize, this_hour

@@ -465,7 +465,7 @@ def k2_run(
     env = {**clean, "PYTHONPATH": str(three), "K2_HOME": str(home)}
 
     def k2(*args: str, timeout: float) -> subprocess.CompletedProcess:
-        command = [sys.executable, "-m", "k2_resources.cli", *args]
+        command = [sys.executable, "-m", "k2_assets.cli", *args]
         return subprocess.run(command, cwd=three, env=env, capture_output=True, text=True, timeout=timeout)
 
     try:

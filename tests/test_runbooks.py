@@ -48,7 +48,7 @@ def test_one_page_per_incident_each_with_detection_checks_and_commands() -> None
 
 @pytest.fixture(scope="module")
 def operator_env(devstack_home: Path) -> dict[str, str]:
-    from k2_assets.instance import prepare_dagster_home
+    from k2_assets.cli.instance import prepare_dagster_home
 
     saved = dict(os.environ)
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from k2_assets.instance import REPO_ROOT, prepare_dagster_home
+from k2_assets.cli.instance import REPO_ROOT, prepare_dagster_home
 from k2_assets.silver.checks import CONSERVATION
 from k2_assets.silver.tables import DLQ_TABLE_SPEC, silver_table_spec
 from k2_resources.exchanges import exchange

@@ -26,8 +26,8 @@ import pyarrow.compute as pc
 import pytest
 from pyiceberg.partitioning import PartitionSpec
 
+from k2_assets.cli.instance import REPO_ROOT, prepare_dagster_home
 from k2_assets.gold.tables import GOLD_TABLE_SPEC
-from k2_assets.instance import REPO_ROOT, prepare_dagster_home
 from k2_assets.partitions import hour_key as key
 from k2_assets.silver.tables import DLQ_TABLE_SPEC, silver_table_spec
 from k2_resources.engine import ENGINE_SPARK_CONFIG, EngineResource

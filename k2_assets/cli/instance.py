@@ -19,7 +19,7 @@ from pathlib import Path
 
 from k2_resources.settings import HOME, POSTGRES_SETTINGS, k2_home
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SQLITE_INSTANCE_FILE = REPO_ROOT / "dagster.yaml"
 POSTGRES_INSTANCE_FILE = REPO_ROOT / "deploy" / "dagster-postgres.yaml"
 WORKSPACE_FILE = REPO_ROOT / "workspace.yaml"

@@ -13,8 +13,8 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     """Serve /metrics until stopped, or with --once print one scrape and exit (runbooks, cron, tests)."""
     import dagster as dg
 
+    from k2_assets.cli.instance import prepare_dagster_home
     from k2_assets.definitions import defs
-    from k2_assets.instance import prepare_dagster_home
     from k2_assets.operations.metrics import K2Metrics
     from k2_resources.metrics import build_registry, make_metrics_server, scrape
 

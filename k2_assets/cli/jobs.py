@@ -63,7 +63,7 @@ def cmd_job(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from k2_assets.pipeline import run_pipeline
+    from k2_assets.cli.run import run_pipeline
 
     return run_pipeline()
 

@@ -82,7 +82,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 def dev_environment(home: Path) -> dict[str, str]:
     """The dev stack up and the instance prepared: the environment every child process gets."""
-    from k2_assets.instance import prepare_dagster_home
+    from k2_assets.cli.instance import prepare_dagster_home
     from k2_resources.devstack import start_devstack
     from k2_resources.settings import AUTOMATION, HOME, KAFKA_BOOTSTRAP_SERVERS, SCHEMA_REGISTRY_URL
 
@@ -121,7 +121,7 @@ def start_simulators(env: dict[str, str], rate: float, faults: str, logs: Path) 
         command = [
             sys.executable,
             "-m",
-            "k2_resources.cli",
+            "k2_assets.cli",
             "produce",
             "--exchange",
             exchange.name,
@@ -149,7 +149,7 @@ def run_dagster_dev(env: dict[str, str], host: str, port: int) -> int:
     SIGTERM here becomes one SIGINT there. Afterwards the runs it left are cancelled and whatever
     it spawned (code servers, run workers) is waited for, so nothing outlives `k2 dev`.
     """
-    from k2_assets.instance import REPO_ROOT, WORKSPACE_FILE
+    from k2_assets.cli.instance import REPO_ROOT, WORKSPACE_FILE
 
     command = [sys.executable, "-m", "dagster", "dev", "-h", host, "-p", str(port), "-w", str(WORKSPACE_FILE)]
     print(f"k2 dev: starting Dagster on http://{host}:{port} (Ctrl-C stops it)")

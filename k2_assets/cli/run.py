@@ -156,7 +156,7 @@ def print_report(log: RunLog) -> None:
 
 def run_pipeline() -> int:
     """The README's main command; returns the process exit code."""
-    from k2_assets.instance import prepare_dagster_home
+    from k2_assets.cli.instance import prepare_dagster_home
     from k2_resources.devstack import start_devstack
     from k2_resources.settings import load_devstack_env
 
