@@ -13,7 +13,6 @@ import json
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -22,6 +21,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field
+from pyiceberg.conversions import from_bytes
+from pyiceberg.expressions.visitors import _StrictMetricsEvaluator
+from pyiceberg.io.pyarrow import ArrowScan
+from pyiceberg.table import FileScanTask
 
 from k2_assets.bronze.assets import bronze_asset_key
 from k2_assets.bronze.tables import bronze_table_spec
@@ -167,12 +170,73 @@ class DlqStream:
         return {f"dlq_{k.lower()}": v for k, v in sorted(self.silver_pass.categories.items())}
 
 
-def rows_per_hour(stream: IcebergStream) -> Counter[int]:
-    """Rows of `stream` per hour (since the epoch) of its table's time column, reading only that column."""
+def _proven_files(stream: IcebergStream) -> tuple[list[tuple[FileScanTask, int | None]], list[FileScanTask]]:
+    """The stream's data files split by what their manifest entries prove.
+
+    First: (task, hour) for each file whose column statistics prove every row inside the stream's
+    scope (Iceberg's strict metrics evaluation, the test PyIceberg's own delete uses to drop whole
+    files) with no delete file against it; `hour` is the one hour (since the epoch) of the time column
+    all its rows fall in, or None when its bounds span more. Second: the files that prove nothing.
+    """
+    if stream.snapshot_id is None:
+        return [], []
+    row_filter = stream.scope.expression(stream.spec, stream.table)
+    must_match = _StrictMetricsEvaluator(stream.table.schema(), row_filter).eval
+    field = stream.table.schema().find_field(stream.spec.time_column)
+    proven, unproven = [], []
+    for task in stream.scan().plan_files():
+        if task.delete_files or task.file.record_count < 0 or not must_match(task.file):
+            unproven.append(task)
+            continue
+        lower = (task.file.lower_bounds or {}).get(field.field_id)
+        upper = (task.file.upper_bounds or {}).get(field.field_id)
+        hour = None
+        if lower is not None and upper is not None:
+            low, high = (from_bytes(field.field_type, bound) for bound in (lower, upper))
+            # Non-negative only: the column path's integer division truncates towards zero.
+            if low >= 0 and low // MICROS_PER_HOUR == high // MICROS_PER_HOUR:
+                hour = low // MICROS_PER_HOUR
+        proven.append((task, hour))
+    return proven, unproven
+
+
+def _read_time_column(stream: IcebergStream, tasks: list[FileScanTask]) -> Iterator[pa.Array]:
+    """The time column of the scope's rows in `tasks` (the scope's filter applied), as int64 µs."""
+    if not tasks:
+        return
     column = stream.spec.time_column
+    projection = stream.table.schema().select(column)
+    row_filter = stream.scope.expression(stream.spec, stream.table)
+    reader = ArrowScan(stream.table.metadata, stream.table.io, projection, row_filter)
+    for batch in reader.to_record_batches(tasks):
+        yield batch.column(column).cast(pa.int64())
+
+
+def count_rows(stream: IcebergStream) -> int:
+    """Rows of the stream's scope in its snapshot, exact, from manifest record counts wherever the
+    files' statistics prove all their rows in scope; only the other files are read, one column.
+
+    PyIceberg's `count()` reads every column of every file whose partition does not decide the filter,
+    which for Silver's window on bronze_ingestion_timestamp (partitioned by trade day) is every file.
+    """
+    proven, unproven = _proven_files(stream)
+    return sum(task.file.record_count for task, _ in proven) + sum(
+        len(micros) for micros in _read_time_column(stream, unproven)
+    )
+
+
+def rows_per_hour(stream: IcebergStream) -> Counter[int]:
+    """Rows of `stream` per hour (since the epoch) of its table's time column: from manifest record
+    counts for files whose statistics put all their rows in scope and in one hour, otherwise by reading
+    only that column of the other files."""
+    proven, unproven = _proven_files(stream)
     counts: Counter[int] = Counter()
-    for batch in replace(stream, columns=(column,)).batches():
-        micros = batch.column(column).cast(pa.int64())
+    for task, hour in proven:
+        if hour is None:
+            unproven.append(task)
+        else:
+            counts[hour] += task.file.record_count
+    for micros in _read_time_column(stream, unproven):
         for item in pc.divide(micros, MICROS_PER_HOUR).value_counts():
             counts[item["values"].as_py()] += item["counts"].as_py()
     return counts
@@ -198,7 +262,10 @@ def refuse_if_bronze_expired(
     """Bronze only ever gains rows in a past hour, unless retention deleted them: then re-deriving
     Silver from what is left would erase Silver rows that can no longer be rebuilt. Compared hour by
     hour: over a backfill range, hours Bronze still has in full must not hide hours it lost (review #7)."""
-    stored, available = existing_rows(iceberg, exchange, start, end), rows_per_hour(bronze)
+    stored = existing_rows(iceberg, exchange, start, end)
+    if not stored:  # nothing derived yet: nothing re-deriving could erase
+        return
+    available = rows_per_hour(bronze)
     lost = {
         hour: (count, available[hour]) for hour, count in sorted(stored.items()) if available[hour] < count
     }
@@ -327,10 +394,10 @@ def build_silver_asset(exchange: ExchangeConfig) -> dg.AssetsDefinition:
             yield from write_output(
                 context, iceberg, "dlq", DLQ_TABLE_SPEC, DlqStream(silver_pass), dlq_scope
             )
-        silver_rows = read_scope(
-            iceberg.load_table(silver_spec), silver_spec, RowScope(window.start, window.end)
-        ).count()
-        dlq_rows = read_scope(iceberg.load_table(DLQ_TABLE_SPEC), DLQ_TABLE_SPEC, dlq_scope).count()
+        silver_rows = count_rows(
+            read_scope(iceberg.load_table(silver_spec), silver_spec, RowScope(window.start, window.end))
+        )
+        dlq_rows = count_rows(read_scope(iceberg.load_table(DLQ_TABLE_SPEC), DLQ_TABLE_SPEC, dlq_scope))
         results = [
             conservation_result(silver_key, bronze.rows_read, silver_rows, dlq_rows, bronze.snapshot_id),
             dlq_rate_result(silver_key, exchange, bronze.rows_read, dlq_rows, silver_pass.categories),
