@@ -167,7 +167,9 @@ class BodyWalk:
         word = self.words[pos].view(np.uint64).ravel()
         stops = ~word & HIGH_BITS
         lowest = stops & (~stops + np.uint64(1))
-        size = (np.frexp(lowest.astype(np.float64))[1].astype(np.int64) + 7) // 8
+        # lowest has one bit, at 8k+7 for a varint of k+1 bytes: k+1 = (bits below it + 1) / 8. Without
+        # a stop bit (9 or 10 bytes) lowest is 0 and the size comes out 8, made right in long_varints.
+        size = ((np.bitwise_count(lowest - np.uint64(1)) + 1) >> 3).astype(np.int64)
         raw = np.zeros(len(pos), dtype=np.uint64)
         if value:  # lengths, counts and indices; a long field only needs its size
             kept = word & WORD_MASKS[np.minimum(size, 8)]
