@@ -30,9 +30,16 @@ from pyiceberg.exceptions import CommitFailedException, ValidationException
 from pyiceberg.expressions import AlwaysTrue, And, BooleanExpression, EqualTo, GreaterThanOrEqual, LessThan
 from pyiceberg.io import OutputFile
 from pyiceberg.io.fileformat import FileFormatFactory, FileFormatWriter
-from pyiceberg.io.pyarrow import ArrowScan, _determine_partitions, schema_to_pyarrow
+from pyiceberg.io.pyarrow import (
+    ArrowScan,
+    ParquetFormatWriter,
+    _determine_partitions,
+    _get_field_from_arrow_table,
+    schema_to_pyarrow,
+)
 from pyiceberg.manifest import DataFile, DataFileContent, FileFormat
-from pyiceberg.partitioning import PartitionKey
+from pyiceberg.partitioning import PartitionFieldValue, PartitionKey, PartitionSpec
+from pyiceberg.schema import Schema
 from pyiceberg.table import DataScan, Table, TableProperties
 from pyiceberg.table.locations import load_location_provider
 from pyiceberg.typedef import Record
@@ -44,6 +51,10 @@ DEFAULT_CHUNK_ROWS = 250_000
 # A write that meets a concurrent commit of the same rows: recompute, never re-commit stale data.
 WRITE_CONFLICTS = (CommitFailedException, ValidationException)
 MAX_RECOMPUTES = 3
+# Table property (K2's own): the only columns written with Parquet dictionary encoding, comma-separated.
+# Unset, every column is (PyArrow's default). Dictionary-encoding unique values (ids, prices, times) costs
+# about as much as the rest of the write together and makes the file larger.
+DICTIONARY_COLUMNS = "k2.parquet.dictionary-columns"
 
 
 @dataclass(frozen=True)
@@ -313,6 +324,10 @@ class RollingDataFiles:
         if spec.is_unpartitioned():
             self._append(None, rows)
             return
+        single = single_partition(spec, self.metadata.schema(), rows)
+        if single is not None:
+            self._append(single, rows)
+            return
         for part in _determine_partitions(spec=spec, schema=self.metadata.schema(), arrow_table=rows):
             self._append(part.partition_key, part.arrow_table_partition)
 
@@ -334,6 +349,10 @@ class RollingDataFiles:
         output = self.io.new_output(path)
         self.paths.append(path)
         writer = self.model.create_writer(output, self.metadata.schema(), self.metadata.properties)
+        dictionary_columns = self.metadata.properties.get(DICTIONARY_COLUMNS)
+        if dictionary_columns is not None and isinstance(writer, ParquetFormatWriter):
+            # PyIceberg 0.12 (pinned) has no property for it; its writer passes these kwargs to PyArrow.
+            writer._parquet_writer_kwargs["use_dictionary"] = [c for c in dictionary_columns.split(",") if c]
         current = _OpenFile(path, output, writer, key)
         self.open[key.partition if key else None] = current
         return current
@@ -371,6 +390,31 @@ class RollingDataFiles:
         for path in self.paths:
             with contextlib.suppress(OSError):
                 self.io.delete(path)
+
+
+def single_partition(spec: PartitionSpec, schema: Schema, rows: pa.Table) -> PartitionKey | None:
+    """The partition key of `rows` when they all share one (None otherwise).
+
+    PyIceberg's `_determine_partitions` groups by the partition values and filters and copies the rows
+    once per group, a third of the cost of writing a batch; a batch of one hour is nearly always one
+    partition, which this finds from the transformed values' min and max alone.
+    """
+    values = []
+    for partition_field in spec.fields:
+        source = schema.find_field(partition_field.source_id)
+        column = _get_field_from_arrow_table(rows, schema.find_column_name(partition_field.source_id))
+        transformed = partition_field.transform.pyarrow_transform(source.field_type)(column)
+        if transformed.null_count == len(transformed):
+            values.append(PartitionFieldValue(partition_field, None))
+            continue
+        if transformed.null_count:
+            return None
+        bounds = pc.min_max(transformed)
+        low, high = bounds["min"].as_py(), bounds["max"].as_py()
+        if low != high:
+            return None
+        values.append(PartitionFieldValue(partition_field, low))
+    return PartitionKey(field_values=values, partition_spec=spec, schema=schema)
 
 
 def stream_scan(scan: DataScan) -> Iterator[pa.RecordBatch]:

@@ -10,18 +10,24 @@ bounded whatever the partition's size. Conservation is then checked against the 
 # No `from __future__ import annotations`: Dagster reads op parameter annotations at definition time.
 
 import json
+import queue
 import tempfile
+import threading
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import replace
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import dagster as dg
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field
+from pyiceberg.conversions import from_bytes
+from pyiceberg.expressions.visitors import _StrictMetricsEvaluator
+from pyiceberg.io.pyarrow import ArrowScan
+from pyiceberg.table import FileScanTask
 
 from k2_assets.bronze.assets import bronze_asset_key
 from k2_assets.bronze.tables import bronze_table_spec
@@ -44,6 +50,7 @@ MICROS_PER_HOUR = 3_600_000_000
 EVENT_HOURS = "event_hours"
 EVENT_HOURS_ADDED = "event_hours_added"
 PASS_PARTITIONS = "pass_partitions"
+Item = TypeVar("Item")
 
 
 class SilverConfig(dg.Config):
@@ -118,6 +125,55 @@ class SilverPass:
         return event_hour_keys(self.event_hours)
 
 
+def prefetched(items: Iterable[Item], name: str, depth: int = 1) -> Iterator[Item]:
+    """`items`, produced by a thread of their own at most `depth` ahead of the consumer.
+
+    The pass is three stages in a row (Bronze read, transform, Silver write) whose heavy parts (Parquet
+    decoding and encoding, arrow-avro, numpy) release the GIL: run as a pipeline they overlap on the
+    two cores instead of taking turns. Order is kept, an exception in `items` is raised here, and a
+    consumer that stops early stops the producer (memory: `depth` items more than without it).
+    """
+    handoff: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def offer(entry: tuple[bool, object]) -> bool:
+        while not stop.is_set():
+            try:
+                handoff.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        iterator = iter(items)
+        try:
+            for item in iterator:
+                if not offer((True, item)):
+                    return
+            offer((False, None))
+        except BaseException as err:  # handed to the consumer, raised there
+            offer((False, err))
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+
+    producer = threading.Thread(target=produce, name=f"k2-silver-{name}", daemon=True)
+    producer.start()
+    try:
+        while True:
+            more, value = handoff.get()
+            if not more:
+                if value is not None:
+                    raise value
+                return
+            yield value
+    finally:
+        stop.set()
+        producer.join()
+
+
 def count_event_hours(counter: Counter[int], silver: pa.RecordBatch | pa.Table) -> None:
     """Add the trades of `silver` to `counter`, by event hour (hours since the epoch)."""
     for item in pc.divide(silver.column("timestamp"), MICROS_PER_HOUR).value_counts():
@@ -167,12 +223,73 @@ class DlqStream:
         return {f"dlq_{k.lower()}": v for k, v in sorted(self.silver_pass.categories.items())}
 
 
-def rows_per_hour(stream: IcebergStream) -> Counter[int]:
-    """Rows of `stream` per hour (since the epoch) of its table's time column, reading only that column."""
+def _proven_files(stream: IcebergStream) -> tuple[list[tuple[FileScanTask, int | None]], list[FileScanTask]]:
+    """The stream's data files split by what their manifest entries prove.
+
+    First: (task, hour) for each file whose column statistics prove every row inside the stream's
+    scope (Iceberg's strict metrics evaluation, the test PyIceberg's own delete uses to drop whole
+    files) with no delete file against it; `hour` is the one hour (since the epoch) of the time column
+    all its rows fall in, or None when its bounds span more. Second: the files that prove nothing.
+    """
+    if stream.snapshot_id is None:
+        return [], []
+    row_filter = stream.scope.expression(stream.spec, stream.table)
+    must_match = _StrictMetricsEvaluator(stream.table.schema(), row_filter).eval
+    field = stream.table.schema().find_field(stream.spec.time_column)
+    proven, unproven = [], []
+    for task in stream.scan().plan_files():
+        if task.delete_files or task.file.record_count < 0 or not must_match(task.file):
+            unproven.append(task)
+            continue
+        lower = (task.file.lower_bounds or {}).get(field.field_id)
+        upper = (task.file.upper_bounds or {}).get(field.field_id)
+        hour = None
+        if lower is not None and upper is not None:
+            low, high = (from_bytes(field.field_type, bound) for bound in (lower, upper))
+            # Non-negative only: the column path's integer division truncates towards zero.
+            if low >= 0 and low // MICROS_PER_HOUR == high // MICROS_PER_HOUR:
+                hour = low // MICROS_PER_HOUR
+        proven.append((task, hour))
+    return proven, unproven
+
+
+def _read_time_column(stream: IcebergStream, tasks: list[FileScanTask]) -> Iterator[pa.Array]:
+    """The time column of the scope's rows in `tasks` (the scope's filter applied), as int64 µs."""
+    if not tasks:
+        return
     column = stream.spec.time_column
+    projection = stream.table.schema().select(column)
+    row_filter = stream.scope.expression(stream.spec, stream.table)
+    reader = ArrowScan(stream.table.metadata, stream.table.io, projection, row_filter)
+    for batch in reader.to_record_batches(tasks):
+        yield batch.column(column).cast(pa.int64())
+
+
+def count_rows(stream: IcebergStream) -> int:
+    """Rows of the stream's scope in its snapshot, exact, from manifest record counts wherever the
+    files' statistics prove all their rows in scope; only the other files are read, one column.
+
+    PyIceberg's `count()` reads every column of every file whose partition does not decide the filter,
+    which for Silver's window on bronze_ingestion_timestamp (partitioned by trade day) is every file.
+    """
+    proven, unproven = _proven_files(stream)
+    return sum(task.file.record_count for task, _ in proven) + sum(
+        len(micros) for micros in _read_time_column(stream, unproven)
+    )
+
+
+def rows_per_hour(stream: IcebergStream) -> Counter[int]:
+    """Rows of `stream` per hour (since the epoch) of its table's time column: from manifest record
+    counts for files whose statistics put all their rows in scope and in one hour, otherwise by reading
+    only that column of the other files."""
+    proven, unproven = _proven_files(stream)
     counts: Counter[int] = Counter()
-    for batch in replace(stream, columns=(column,)).batches():
-        micros = batch.column(column).cast(pa.int64())
+    for task, hour in proven:
+        if hour is None:
+            unproven.append(task)
+        else:
+            counts[hour] += task.file.record_count
+    for micros in _read_time_column(stream, unproven):
         for item in pc.divide(micros, MICROS_PER_HOUR).value_counts():
             counts[item["values"].as_py()] += item["counts"].as_py()
     return counts
@@ -198,7 +315,10 @@ def refuse_if_bronze_expired(
     """Bronze only ever gains rows in a past hour, unless retention deleted them: then re-deriving
     Silver from what is left would erase Silver rows that can no longer be rebuilt. Compared hour by
     hour: over a backfill range, hours Bronze still has in full must not hide hours it lost (review #7)."""
-    stored, available = existing_rows(iceberg, exchange, start, end), rows_per_hour(bronze)
+    stored = existing_rows(iceberg, exchange, start, end)
+    if not stored:  # nothing derived yet: nothing re-deriving could erase
+        return
+    available = rows_per_hour(bronze)
     lost = {
         hour: (count, available[hour]) for hour, count in sorted(stored.items()) if available[hour] < count
     }
@@ -309,13 +429,16 @@ def build_silver_asset(exchange: ExchangeConfig) -> dg.AssetsDefinition:
         )
         with tempfile.TemporaryDirectory(prefix="k2-silver-dlq-") as scratch:
             silver_pass = SilverPass(Path(scratch) / "dlq.parquet")
-            transformed = transform_batches(
-                bronze.batches(),
-                exchange=exchange,
-                schemas=WriterSchemas(schema_registry.client()),
-                rules=config.rules(),
-                partition_key=label,
-                now=datetime.now(UTC),
+            transformed = prefetched(
+                transform_batches(
+                    prefetched(bronze.batches(), "bronze-read"),
+                    exchange=exchange,
+                    schemas=WriterSchemas(schema_registry.client()),
+                    rules=config.rules(),
+                    partition_key=label,
+                    now=datetime.now(UTC),
+                ),
+                "transform",
             )
             silver_stream = SilverStream(silver_pass, transformed, len(context.partition_keys))
             # Both tables are written from this one pass whatever was selected, Silver first (it fills
@@ -327,10 +450,10 @@ def build_silver_asset(exchange: ExchangeConfig) -> dg.AssetsDefinition:
             yield from write_output(
                 context, iceberg, "dlq", DLQ_TABLE_SPEC, DlqStream(silver_pass), dlq_scope
             )
-        silver_rows = read_scope(
-            iceberg.load_table(silver_spec), silver_spec, RowScope(window.start, window.end)
-        ).count()
-        dlq_rows = read_scope(iceberg.load_table(DLQ_TABLE_SPEC), DLQ_TABLE_SPEC, dlq_scope).count()
+        silver_rows = count_rows(
+            read_scope(iceberg.load_table(silver_spec), silver_spec, RowScope(window.start, window.end))
+        )
+        dlq_rows = count_rows(read_scope(iceberg.load_table(DLQ_TABLE_SPEC), DLQ_TABLE_SPEC, dlq_scope))
         results = [
             conservation_result(silver_key, bronze.rows_read, silver_rows, dlq_rows, bronze.snapshot_id),
             dlq_rate_result(silver_key, exchange, bronze.rows_read, dlq_rows, silver_pass.categories),

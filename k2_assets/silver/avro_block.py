@@ -167,7 +167,9 @@ class BodyWalk:
         word = self.words[pos].view(np.uint64).ravel()
         stops = ~word & HIGH_BITS
         lowest = stops & (~stops + np.uint64(1))
-        size = (np.frexp(lowest.astype(np.float64))[1].astype(np.int64) + 7) // 8
+        # lowest has one bit, at 8k+7 for a varint of k+1 bytes: k+1 = (bits below it + 1) / 8. Without
+        # a stop bit (9 or 10 bytes) lowest is 0 and the size comes out 8, made right in long_varints.
+        size = ((np.bitwise_count(lowest - np.uint64(1)) + 1) >> 3).astype(np.int64)
         raw = np.zeros(len(pos), dtype=np.uint64)
         if value:  # lengths, counts and indices; a long field only needs its size
             kept = word & WORD_MASKS[np.minimum(size, 8)]
@@ -328,13 +330,31 @@ def value_offsets(binary: pa.Array) -> np.ndarray:
     return np.frombuffer(binary.buffers()[1], dtype=np.int64)[binary.offset : binary.offset + len(binary) + 1]
 
 
-def decode_block(schema: BlockSchema, bodies: pa.Array, columns: list[str]) -> pa.RecordBatch:
-    """Decode bodies (a binary array whose values are each exactly one record) with arrow-avro."""
-    offsets = value_offsets(bodies)
-    first, last = int(offsets[0]), int(offsets[-1])
-    payload = bodies.buffers()[2][first:last] if last > first else b""
-    count = len(bodies)
-    block = b"".join([schema.header, zigzag_varint(count), zigzag_varint(last - first), payload, SYNC_MARKER])
+def block_payload(values: pa.Array, rows: np.ndarray) -> bytes:
+    """The chosen values of a large_binary array back to back, copied once, run by contiguous run.
+
+    Taking the rows into a new array first (`Array.take`) copies every byte too and builds offsets
+    nobody reads; most chosen rows are neighbours, so this joins a few slices of the values buffer.
+    """
+    if rows.size == 0:
+        return b""
+    offsets = value_offsets(values)
+    first, stop = offsets[rows], offsets[rows + 1]
+    breaks = np.flatnonzero(first[1:] != stop[:-1]) + 1
+    starts = first[np.concatenate([[0], breaks])].tolist()
+    ends = stop[np.concatenate([breaks - 1, [rows.size - 1]])].tolist()
+    buffer = values.buffers()[2]
+    return b"".join([buffer[a:b] for a, b in zip(starts, ends, strict=True)])
+
+
+def decode_block(
+    schema: BlockSchema, values: pa.Array, rows: np.ndarray, columns: list[str]
+) -> pa.RecordBatch:
+    """Decode values[rows] (a large_binary array whose chosen values are each exactly one record) with
+    arrow-avro."""
+    payload = block_payload(values, rows)
+    count = len(rows)
+    block = b"".join([schema.header, zigzag_varint(count), zigzag_varint(len(payload)), payload, SYNC_MARKER])
     source = io.BytesIO(block)
     reader = AvroSource([lambda: contextlib.nullcontext(source)], False, False)
     batches = [pa.record_batch(b) for b in reader.batch_iter(count, columns)]
@@ -345,22 +365,24 @@ def decode_block(schema: BlockSchema, bodies: pa.Array, columns: list[str]) -> p
 
 
 def decode_bodies(
-    schema: BlockSchema, bodies: pa.Array, columns: list[str]
+    schema: BlockSchema, values: pa.Array, rows: np.ndarray, columns: list[str]
 ) -> tuple[list[tuple[int, pa.RecordBatch]], list[int]]:
-    """Decode every body it can: ([(position of first body, its decoded run)], [failed positions]).
+    """Decode every chosen value it can: ([(position in `rows` of the first, its decoded run)], [failed
+    positions in `rows`]). `values` is a large_binary array, `rows` the ascending indices of the values
+    to decode, each exactly one record.
 
     A failing block is halved until each failing run is SMALLEST_BISECTED bodies or fewer; those are
     handed back whole for the per-record path, which finds the actually bad ones and says why.
     """
     decoded: list[tuple[int, pa.RecordBatch]] = []
     failed: list[int] = []
-    pending = [(0, len(bodies))]
+    pending = [(0, len(rows))]
     while pending:
         first, stop = pending.pop()
         if stop == first:
             continue
         try:
-            decoded.append((first, decode_block(schema, bodies.slice(first, stop - first), columns)))
+            decoded.append((first, decode_block(schema, values, rows[first:stop], columns)))
         except Exception:  # arrow-avro and polars-avro signal bad input with several exception types
             if stop - first <= SMALLEST_BISECTED:
                 failed.extend(range(first, stop))

@@ -173,8 +173,7 @@ def split_batch(
         rows = rows[body_fits(data, start[rows], end[rows], plan.schema)]
         if rows.size == 0:
             continue
-        values = raw if rows.size == len(raw) else raw.take(pa.array(rows))
-        decoded, _failed = decode_bodies(plan.schema, values, list(plan.columns))
+        decoded, _failed = decode_bodies(plan.schema, raw, rows, list(plan.columns))
         for first, records in decoded:
             index = rows[first : first + records.num_rows]
             run = valid_run(records, index, plan, writer, checker, times, silver_types)
@@ -213,21 +212,21 @@ def _per_value(column: pa.Array, passes: Any) -> np.ndarray:
 
 
 def unscaled_int64(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """Big-endian two's-complement bytes (Avro decimals) as int64, and which had 1 to 8 bytes."""
+    """Big-endian two's-complement bytes (Avro decimals) as int64, and which had 1 to 8 bytes.
+
+    Each value is the 8 bytes that end where it ends, read as one big-endian word (the buffer has 8
+    zero bytes in front, so the first value has them too), with the bytes before it shifted out and
+    its sign extended back in.
+    """
     column = column.cast(pa.large_binary())
     offsets = value_offsets(column)
     size = np.diff(offsets)
     fits = (size >= 1) & (size <= 8) & _present(column)
-    data = padded(column.buffers()[2])
-    start = offsets[:-1]
-    slot = np.arange(8)
-    lead = (8 - np.minimum(size, 8))[:, None]
-    source = start[:, None] + slot - lead
-    picked = data[np.clip(source, 0, len(data) - 1)]
-    negative = (data[start] >= 0x80) & fits
-    fill = np.where(negative, 0xFF, 0).astype(np.uint8)[:, None]
-    word = np.where(slot >= lead, picked, fill).astype(np.uint8)
-    values = np.ascontiguousarray(word).view(">i8").ravel().astype(np.int64)
+    data = np.concatenate([np.zeros(8, dtype=np.uint8), padded(column.buffers()[2])])
+    words = np.lib.stride_tricks.as_strided(data, shape=(len(data) - 7, 8), strides=(1, 1))
+    raw = np.ascontiguousarray(words[offsets[1:]]).view(">u8").ravel().astype(np.uint64)
+    shift = (64 - 8 * np.clip(size, 1, 8)).astype(np.uint64)
+    values = (raw << shift).view(np.int64) >> shift.astype(np.int64)
     return np.where(fits, values, 0), fits
 
 
