@@ -224,8 +224,28 @@ def warm_up(spark, catalog: IcebergCatalogResource, commits: int) -> float:
     return report.duration_seconds
 
 
-def run_pass(store: Path, commits: int, warmup_commits: int, java_options: str) -> dict[str, float]:
-    """Maintain a fresh copy of the built history in a Spark session of its own, warmed first."""
+def jvm_pid() -> int:
+    """The process id of Spark's driver JVM (this process's Java child)."""
+    (jvm,) = [c for c in psutil.Process().children(recursive=True) if c.name() == "java"]
+    return jvm.pid
+
+
+def flight_recorder(command: str, recording: Path) -> None:
+    """Start or stop a JDK Flight Recorder recording (method samples every 10 ms) of the driver JVM."""
+    arguments = {
+        "start": ["JFR.start", "name=pass", "settings=profile", f"filename={recording}"],
+        "stop": ["JFR.stop", "name=pass"],
+    }[command]
+    subprocess.run(["jcmd", str(jvm_pid()), *arguments], check=True, stdout=subprocess.DEVNULL)
+
+
+def run_pass(
+    store: Path, commits: int, warmup_commits: int, java_options: str, profile: Path | None
+) -> dict[str, float]:
+    """Maintain a fresh copy of the built history in a Spark session of its own, warmed first.
+
+    With `profile`, the pass alone (not the warm-up) is recorded by JFR into `profile`/pass-N.jfr.
+    """
     home = restore(store, commits)
     catalog = sqlite_catalog(home)
     table = catalog.load_table(BRONZE_SPEC)
@@ -256,11 +276,15 @@ def run_pass(store: Path, commits: int, warmup_commits: int, java_options: str) 
     parser.parsePlan(expiry_statement(catalog.catalog_name, ids))
     parse_s = time.monotonic() - parse_started
     target = next(t for t in TARGETS if t.spec.name == BRONZE_SPEC.name)
+    if profile is not None:
+        flight_recorder("start", profile / f"pass-{commits}.jfr")
     gc_before, jit_before = jvm_counters(spark)
     cpu_before = cpu_seconds()
     report = maintain_table(spark, catalog.catalog_name, table, target, POLICY, datetime.now(UTC))
     pass_cpu = cpu_seconds() - cpu_before
     gc_after, jit_after = jvm_counters(spark)
+    if profile is not None:
+        flight_recorder("stop", profile / f"pass-{commits}.jfr")
     spark.stop()
     table = sqlite_catalog(home).load_table(BRONZE_SPEC)
     assert report.snapshots_expired == commits - 1 and OFFSETS_TAG in table.metadata.refs
@@ -332,6 +356,7 @@ def main() -> None:
     parser.add_argument(
         "--driver-java-options", default="", help="spark.driver.extraJavaOptions of each pass"
     )
+    parser.add_argument("--profile", metavar="DIR", help="record each pass with JFR into DIR/pass-N.jfr")
     parser.add_argument("--child", choices=("build", "pass"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     commits = [int(n) for n in args.commits.split(",")]
@@ -340,7 +365,8 @@ def main() -> None:
         if args.child == "build":
             result = build(store_dir, commits[0])
         else:
-            result = run_pass(store_dir, commits[0], args.warmup_commits, args.driver_java_options)
+            profile = Path(args.profile).resolve() if args.profile else None
+            result = run_pass(store_dir, commits[0], args.warmup_commits, args.driver_java_options, profile)
         print(json.dumps(result), flush=True)
         return
     with tempfile.TemporaryDirectory(prefix="k2-bench-maintenance-") as scratch:
@@ -349,6 +375,9 @@ def main() -> None:
         pass_options = ["--warmup-commits", str(args.warmup_commits)]
         if args.driver_java_options:
             pass_options.append(f"--driver-java-options={args.driver_java_options}")
+        if args.profile:
+            Path(args.profile).mkdir(parents=True, exist_ok=True)
+            pass_options += ["--profile", str(Path(args.profile).resolve())]
         builds, passes = [], []
         for n in commits:
             if not args.reuse:
