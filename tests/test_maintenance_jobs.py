@@ -23,7 +23,7 @@ import pytest
 
 from k2_assets.bronze.ingestion import read_stored_offsets
 from k2_assets.bronze.tables import OFFSETS_TAG
-from k2_assets.maintenance.actions import MaintenanceReport, maintain_table
+from k2_assets.maintenance.actions import SPLIT_SIZE_SETTING, MaintenanceReport, maintain_table
 from k2_assets.maintenance.jobs import TARGETS, MaintenanceTarget
 from k2_resources.iceberg import IcebergCatalogResource
 from k2_resources.iceberg_maintenance import MaintenancePolicy, referenced_files
@@ -169,6 +169,7 @@ def test_thousands_of_commits_maintained_while_another_process_commits(home: Pat
     assert report.after.manifests < report.before.manifests / 10  # what is left: the writer's own appends
     assert second.snapshots_expired > 0 and second.after.snapshots < report.before.snapshots / 4
     assert OFFSETS_TAG in table.metadata.refs
+    assert spark.conf.get(SPLIT_SIZE_SETTING, None) is None  # the expiry's split sizing stayed in the expiry
 
 
 def refresh(catalog: IcebergCatalogResource, target: MaintenanceTarget, hour: datetime, cycle: int) -> None:

@@ -17,7 +17,10 @@ and commits again.
 from __future__ import annotations
 
 import logging
+import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
@@ -38,6 +41,16 @@ CONFLICTS = ("CommitFailedException", "ValidationException")
 # (bench/bench_maintenance.py). Spark parses a 20,000-id array in ~7 s on a loaded machine, so one
 # call covers any realistic backlog; the cap only bounds the statement after a months-long outage.
 EXPIRE_BATCH = 50_000
+# Iceberg's expire action reads the manifest lists of the expired snapshots through the `all_manifests`
+# metadata table, filtered by `snapshot_id IN (every expired id)`. That filter rides as the residual in
+# every read task, so each Spark partition serializes all the ids: with Iceberg's default split sizing
+# (a task weighs the 4 MiB open-file cost, 4-8 tasks per partition) N expired snapshots make N/4-N/8
+# partitions of N ids each, quadratic (JFR of a 5k-commit expiry: half the CPU in Java serialization of
+# those tasks). For the expiry, splits are sized so that the scan has as many partitions as Spark's
+# shuffle (the action's own parallelism for reading manifests): ids serialized per pass ~ partitions * N.
+SPLIT_SIZE_SETTING = "spark.sql.iceberg.read.split-size"
+ADAPTIVE_SPLIT_SETTING = "spark.sql.iceberg.read.adaptive-split-size.enabled"
+DEFAULT_OPEN_FILE_COST = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -137,6 +150,27 @@ def call(spark: Any, statement: str, attempts: int = COMMIT_ATTEMPTS) -> list[An
     raise AssertionError("unreachable")
 
 
+def expiry_split_size(snapshots: int, partitions: int, open_file_cost: int) -> int:
+    """Split size (bytes) that packs `snapshots` manifest-list read tasks into `partitions` splits."""
+    return max(1, math.ceil(snapshots / max(1, partitions))) * open_file_cost
+
+
+@contextmanager
+def session_settings(spark: Any, settings: dict[str, str]) -> Iterator[None]:
+    """Spark SQL settings for one statement; the session's own values come back afterwards."""
+    previous = {key: spark.conf.get(key, None) for key in settings}
+    for key, value in settings.items():
+        spark.conf.set(key, value)
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                spark.conf.unset(key)
+            else:
+                spark.conf.set(key, value)
+
+
 class TableMaintenance:
     """The procedures of one pass over one table, in the order `run` applies them."""
 
@@ -183,15 +217,23 @@ class TableMaintenance:
         """Expire, by id, the snapshots superseded before the cut-off; returns how many went."""
         self.table.refresh()
         ids = expirable_snapshots(self.table.metadata, superseded_before)
-        for start in range(0, len(ids), EXPIRE_BATCH):
-            batch = ",".join(str(i) for i in ids[start : start + EXPIRE_BATCH])
-            # older_than at the epoch: only the listed snapshots go, none by Iceberg's default age.
-            self.procedure(
-                "expire_snapshots",
-                f", older_than => TIMESTAMP '1970-01-01 00:00:01', snapshot_ids => array({batch})",
-            )
+        with session_settings(self.spark, self.expiry_scan_settings()):
+            for start in range(0, len(ids), EXPIRE_BATCH):
+                batch = ",".join(str(i) for i in ids[start : start + EXPIRE_BATCH])
+                # older_than at the epoch: only the listed snapshots go, none by Iceberg's default age.
+                self.procedure(
+                    "expire_snapshots",
+                    f", older_than => TIMESTAMP '1970-01-01 00:00:01', snapshot_ids => array({batch})",
+                )
         self.table.refresh()
         return len(set(ids) - {s.snapshot_id for s in self.table.metadata.snapshots})
+
+    def expiry_scan_settings(self) -> dict[str, str]:
+        """Split sizing for the expire action's metadata scans (see SPLIT_SIZE_SETTING): fixed partitions."""
+        partitions = int(self.spark.conf.get("spark.sql.shuffle.partitions", "200"))
+        open_file_cost = int(self.table.properties.get("read.split.open-file-cost", DEFAULT_OPEN_FILE_COST))
+        split_size = expiry_split_size(len(self.table.metadata.snapshots), partitions, open_file_cost)
+        return {SPLIT_SIZE_SETTING: str(split_size), ADAPTIVE_SPLIT_SETTING: "false"}
 
     def remove_orphans(self, older_than: datetime) -> int:
         stamp = older_than.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
