@@ -1,9 +1,10 @@
 """Shared by the K2 benchmarks and tests/test_memory.py: a private dev stack, real Confluent-framed V2
 trades, and child processes whose peak RSS comes from the kernel rather than from sampling.
 
-Peak RSS is read with `os.wait4` when the child is reaped: the kernel's high-water mark (ru_maxrss) of
-that one process, so a spike between two samples is never missed, and the caller's other children (the
-dev stack host, earlier runs) do not mix in as they would with getrusage(RUSAGE_CHILDREN).
+Peak RSS is the kernel's high-water mark of the child's own address space (VmHWM, which only grows,
+read every ~50 ms until it exits), so a spike between two reads is never missed, and neither the caller
+nor its other children mix in. Not wait4's ru_maxrss: at exec it takes in the RSS of the parent the
+child was forked from (until 2026-12-07 it was used, and a child's peak was never below its parent's).
 
 `python -m bench._common run ...` is the child side: one Dagster job or asset materialisation, run
 in-process on an ephemeral instance (no executor subprocess, so its memory is this process's), with a
@@ -56,7 +57,7 @@ class ChildResult:
 
     returncode: int
     wall_seconds: float
-    peak_rss_mb: float  # the child's own high-water mark, exact (kernel)
+    peak_rss_mb: float  # the child's own high-water mark after exec (kernel's VmHWM, see Child.poll)
     peak_tree_rss_mb: float  # child + descendants summed, sampled every poll (~50 ms)
     cpu_seconds: float  # user + system, the child and its reaped descendants
     stdout: str
@@ -76,7 +77,7 @@ class ChildResult:
 
 
 class Child:
-    """A subprocess reaped with wait4, so its own ru_maxrss and CPU time are known exactly."""
+    """A subprocess reaped with wait4 (its CPU time exactly), its peak RSS from VmHWM."""
 
     def __init__(self, args: list[str], env: Mapping[str, str]) -> None:
         # Files, not pipes: a chatty child can never block on a full pipe. They live as long as the child.
@@ -86,6 +87,20 @@ class Child:
         self.process = subprocess.Popen(args, env=dict(env), cwd=ROOT, stdout=self._out, stderr=self._err)
         self._tree = psutil.Process(self.process.pid)
         self.peak_tree_rss_mb = 0.0
+        self.high_water_kib = 0
+
+    def read_high_water(self) -> None:
+        """The child's VmHWM now: the peak RSS of its own address space since exec.
+
+        wait4's ru_maxrss is not that: at exec Linux keeps the larger of it and the RSS of the address
+        space being replaced, which after Popen's vfork is the parent's. A child started by a
+        benchmark holding 800 MB reported 820 MB for `python -c pass`. VmHWM only grows, and is read
+        every poll (~50 ms) until the child exits.
+        """
+        with contextlib.suppress(OSError, ValueError):
+            for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    self.high_water_kib = max(self.high_water_kib, int(line.split()[1]))
 
     def sample_tree_rss(self) -> float:
         """RSS of the child plus all its descendants now (MB), and the running peak of those samples.
@@ -111,16 +126,19 @@ class Child:
     def poll(self) -> ChildResult | None:
         """The result once the child has exited (reaping it), else None; samples the tree's RSS meanwhile."""
         self.sample_tree_rss()
+        self.read_high_water()
         pid, status, usage = os.wait4(self.process.pid, os.WNOHANG)
         if pid == 0:
             return None
         wall = time.perf_counter() - self.started
         self.process.returncode = os.waitstatus_to_exitcode(status)  # Popen must not wait for it again
+        # ru_maxrss (KiB) only when VmHWM was never read (a child gone within the first poll).
+        peak_mb = (self.high_water_kib or usage.ru_maxrss) * KIB / MIB
         return ChildResult(
             returncode=self.process.returncode,
             wall_seconds=wall,
-            peak_rss_mb=usage.ru_maxrss * KIB / MIB,  # Linux reports ru_maxrss in KiB
-            peak_tree_rss_mb=max(self.peak_tree_rss_mb, usage.ru_maxrss * KIB / MIB),
+            peak_rss_mb=peak_mb,
+            peak_tree_rss_mb=max(self.peak_tree_rss_mb, peak_mb),
             cpu_seconds=usage.ru_utime + usage.ru_stime,
             stdout=self._read(self._out),
             stderr=self._read(self._err),

@@ -266,7 +266,13 @@ def duckdb_alone(spec: dict) -> None:
     import duckdb
 
     from k2_assets.gold.assets import FIRST_INGESTED, LINEAGE_COLUMNS, V2_COLUMNS
-    from k2_assets.gold.dedup import DuckDBConfig, first_copies_sql, quoted
+    from k2_assets.gold.dedup import (
+        FIXED_BUILD_SIDE,
+        DuckDBConfig,
+        first_copies_sql,
+        first_orders_sql,
+        quoted,
+    )
 
     engine = DuckDBConfig()
     started = time.perf_counter()
@@ -276,6 +282,7 @@ def duckdb_alone(spec: dict) -> None:
             "threads": engine.duckdb_threads,
             "temp_directory": spec["out"] + "/spill",
             "preserve_insertion_order": False,
+            "disabled_optimizers": FIXED_BUILD_SIDE,
         }
     )
 
@@ -286,7 +293,8 @@ def duckdb_alone(spec: dict) -> None:
         )
 
     keys = ("message_id", "timestamp", *LINEAGE_COLUMNS)
-    query = first_copies_sql(silver(V2_COLUMNS + LINEAGE_COLUMNS), silver(keys), FIRST_INGESTED)
+    con.execute(f"CREATE TEMP TABLE first_orders AS {first_orders_sql(silver(keys), FIRST_INGESTED)}")
+    query = first_copies_sql(silver(V2_COLUMNS + LINEAGE_COLUMNS), "first_orders", FIRST_INGESTED)
     con.execute(f"COPY ({query}) TO '{spec['out']}/gold.parquet' (FORMAT parquet, COMPRESSION zstd)")
     written = con.execute(f"SELECT count(*) FROM '{spec['out']}/gold.parquet'").fetchone()[0]
     print(json.dumps({"query_seconds": time.perf_counter() - started, "rows": written}))

@@ -30,6 +30,7 @@ from k2_assets.gold.dedup import (
     DuckDBConfig,
     connect,
     first_copies_sql,
+    first_orders_sql,
     register_scans,
     results,
     without_removed_sql,
@@ -194,11 +195,11 @@ class GoldStream:
             self.silver.register(con, "silver")
             self.silver.register(con, "silver_keys", ("message_id", "timestamp", *LINEAGE_COLUMNS))
             con.register("removed", self.removed)
-            query = first_copies_sql(
-                without_removed_sql("silver", "removed"),
-                without_removed_sql("silver_keys", "removed"),
-                FIRST_INGESTED,
-            )
+            # The few keys that repeat, with the lineage of their first copy: a small table, built
+            # before the full rows stream (its hash tables then no longer hold memory).
+            keys = without_removed_sql("silver_keys", "removed")
+            con.execute(f"CREATE TEMP TABLE first_orders AS {first_orders_sql(keys, FIRST_INGESTED)}")
+            query = first_copies_sql(without_removed_sql("silver", "removed"), "first_orders", FIRST_INGESTED)
             # The sorted result goes into a table first: DuckDB (1.5) runs out of memory returning an
             # ORDER BY result to the client when the rows nearly fit its memory limit (measured: 300K rows
             # at 256 MB), while a table spills. Insertion order is kept for these two statements only.

@@ -43,6 +43,10 @@ from k2_resources.settings import k2_home
 
 MICROS_PER_HOUR = 3_600_000_000
 BATCH_ROWS = 100_000
+# Every join here writes its small side (duplicate keys, audited removals) on the right. DuckDB
+# estimates `read_parquet` with a field-id schema and a filter at ~0 rows, so it would build the hash
+# table on the full rows instead: out of memory at 100K Silver rows and 128 MB. Keep the written side.
+FIXED_BUILD_SIDE = "build_side_probe_side"
 
 
 class DuckDBConfig(dg.Config):
@@ -59,7 +63,8 @@ def connect(config: DuckDBConfig) -> Iterator[duckdb.DuckDBPyConnection]:
     """A DuckDB connection capped at the configured memory, spilling under K2_HOME (removed afterwards).
 
     preserve_insertion_order=false lets operators stream without keeping input order: every query
-    here that needs an order says ORDER BY.
+    here that needs an order says ORDER BY. Joins build their hash table on the side written on the
+    right (FIXED_BUILD_SIDE).
     """
     scratch_root = k2_home() / "tmp"
     scratch_root.mkdir(parents=True, exist_ok=True)
@@ -72,6 +77,7 @@ def connect(config: DuckDBConfig) -> Iterator[duckdb.DuckDBPyConnection]:
                     "threads": config.duckdb_threads,
                     "temp_directory": str(Path(scratch) / "spill"),
                     "preserve_insertion_order": False,
+                    "disabled_optimizers": FIXED_BUILD_SIDE,
                 },
             )
         except duckdb.Error as err:
@@ -197,22 +203,34 @@ def without_removed_sql(relation: str, removed: str) -> str:
     )
 
 
-def first_copies_sql(rows: str, keys: str, plan: DedupPlan) -> str:
-    """The first row of every key of `rows` by `plan.order`, sorted by `plan.output_order`.
+def first_orders_sql(keys: str, plan: DedupPlan) -> str:
+    """Every key of `keys` that occurs more than once, with its first `plan.order` (`first_order`).
 
-    `keys` is the same relation read again with only the key and order columns. Duplicates are rare,
-    so instead of windowing every row, one hash aggregation over `keys` finds the keys that repeat
-    and the first `order` of each; the full rows then stream through a join against that small
-    result. Aggregation, join and sort all spill under DuckDB's memory limit.
+    Duplicates are rare, so this costs one count per key, then the min only over the rows of the keys
+    that repeat. A `min` over every key's order (a struct with a string) kept one aggregate state per
+    key outside DuckDB's memory limit, never spilled: measured at 10M Silver rows and 256 MB, 1,204 MB
+    peak RSS for that aggregation alone, 603 MB for the count. Materialise it (it is small) before
+    `first_copies_sql`, so its hash tables are gone before the full rows stream.
     """
     key = quoted(plan.key)
-    first = f"min(({quoted(plan.order)}))"
-    mine = "(" + ", ".join(f's."{c}"' for c in plan.order) + ")"
+    repeating = f"SELECT {key} FROM ({keys}) GROUP BY ALL HAVING count(*) > 1"
+    return (
+        f"SELECT {key}, min(struct_pack({quoted(plan.order)})) AS first_order "
+        f"FROM ({keys}) SEMI JOIN ({repeating}) USING ({key}) GROUP BY ALL"
+    )
+
+
+def first_copies_sql(rows: str, first_orders: str, plan: DedupPlan) -> str:
+    """The first row of every key of `rows` by `plan.order`, sorted by `plan.output_order`.
+
+    `first_orders` is the relation `first_orders_sql` gives: the full rows stream through a join
+    against it (small) and the sort; both spill under DuckDB's memory limit.
+    """
+    mine = "struct_pack(" + ", ".join(f's."{c}"' for c in plan.order) + ")"
     order_by = f"ORDER BY {quoted(plan.output_order)}" if plan.output_order else ""
     return (
-        f"SELECT s.* FROM ({rows}) s LEFT JOIN "
-        f"(SELECT {key}, {first} AS first_order FROM ({keys}) GROUP BY ALL HAVING count(*) > 1) r "
-        f"USING ({key}) WHERE r.first_order IS NULL OR {mine} = r.first_order {order_by}"
+        f"SELECT s.* FROM ({rows}) s LEFT JOIN {first_orders} r USING ({quoted(plan.key)}) "
+        f"WHERE r.first_order IS NULL OR {mine} = r.first_order {order_by}"
     )
 
 
