@@ -4,9 +4,10 @@ Gold partition H is computed from scratch from the Silver rows of all exchanges 
 in H, wherever those rows sit in Silver (a trade that arrived days late is in an old event hour but a
 new Silver partition). Exact duplicates (same message_id) are dropped, keeping the first ingested
 copy; rows the dedup job removed (listed in `gold_dedup_audit`) stay removed on every re-run.
-PyIceberg reads Silver as an Arrow stream, DuckDB drops the removed rows and the duplicates (spilling
-by itself beyond its memory limit) and sorts by trade time, and the IO manager writes DuckDB's Arrow
-result in one commit: memory is bounded whatever the hour's size.
+PyIceberg plans Silver's files and DuckDB reads them itself (matching columns by Iceberg field id,
+`dedup.register_scans`), drops the removed rows and the duplicates (spilling by itself beyond its memory
+limit) and sorts by trade time, and the IO manager writes DuckDB's Arrow result as rolling data files in
+one commit: memory is bounded whatever the hour's size.
 """
 
 # No `from __future__ import annotations`: Dagster reads op parameter annotations at definition time.
