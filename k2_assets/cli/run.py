@@ -65,12 +65,6 @@ class RunLog:
         return [c for c in self.checks if not c.passed and c.severity == "ERROR"]
 
 
-def hour_key(moment: datetime) -> str:
-    from k2_assets.partitions import HOUR_KEY_FORMAT
-
-    return moment.strftime(HOUR_KEY_FORMAT)
-
-
 def produce_trades(now: datetime) -> dict[str, dict]:
     """Each exchange's `run_trades` (k2_resources/exchanges.py) spread over the simulated hours."""
     from k2_resources.exchanges import EXCHANGES
@@ -169,6 +163,7 @@ def run_pipeline() -> int:
     import dagster as dg
 
     from k2_assets.gold.assets import GOLD_KEY
+    from k2_assets.partitions import hour_key
     from k2_assets.silver.assets import dlq_asset_key, silver_asset_key
     from k2_resources.exchanges import EXCHANGES
 

@@ -26,7 +26,6 @@ from pyiceberg.table import Table
 
 from k2_assets.gold.checks import gold_check_specs, matches_silver_result, no_duplicates_result
 from k2_assets.gold.dedup import (
-    MICROS_PER_HOUR,
     DedupPlan,
     DuckDBConfig,
     connect,
@@ -37,7 +36,13 @@ from k2_assets.gold.dedup import (
     without_removed_sql,
 )
 from k2_assets.gold.tables import DEDUP_AUDIT_TABLE_SPEC, GOLD_TABLE_SPEC
-from k2_assets.partitions import accepting_beta, hourly_automation, hourly_partitions
+from k2_assets.partitions import (
+    MICROS_PER_HOUR,
+    accepting_beta,
+    hourly_automation,
+    hourly_partitions,
+    to_micros,
+)
 from k2_assets.silver.assets import IO_MANAGER_KEY, silver_asset_key
 from k2_assets.silver.tables import silver_table_spec, v2_fields
 from k2_resources.engine import EngineResource
@@ -51,10 +56,6 @@ LINEAGE_COLUMNS = ("bronze_ingestion_timestamp", "topic", "partition", "offset")
 FIRST_INGESTED = DedupPlan(key=["message_id"], order=list(LINEAGE_COLUMNS), output_order=["timestamp"])
 # Gold output metadata: when the Silver snapshots this materialisation was computed from were pinned.
 SILVER_READ_AT = "silver_read_at"
-
-
-def to_micros(moment: datetime) -> int:
-    return int(moment.timestamp() * 1_000_000)
 
 
 def event_time_filter(start: datetime, end: datetime):

@@ -38,10 +38,10 @@ from pyiceberg.types import (
     TimestamptzType,
 )
 
+from k2_assets.partitions import MICROS_PER_HOUR
 from k2_resources.io_manager import IcebergStream, stream_scan
 from k2_resources.settings import k2_home
 
-MICROS_PER_HOUR = 3_600_000_000
 BATCH_ROWS = 100_000
 # Every join here writes its small side (duplicate keys, audited removals) on the right. DuckDB
 # estimates `read_parquet` with a field-id schema and a filter at ~0 rows, so it would build the hash

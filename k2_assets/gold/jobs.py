@@ -25,9 +25,8 @@ import pyarrow.compute as pc
 from pydantic import Field
 from pyiceberg.table import Table
 
-from k2_assets.gold.assets import GOLD_KEY, audited_removals, event_time_filter, row_keys, to_micros
+from k2_assets.gold.assets import GOLD_KEY, audited_removals, event_time_filter, row_keys
 from k2_assets.gold.dedup import (
-    MICROS_PER_HOUR,
     DedupPlan,
     DuckDBConfig,
     connect,
@@ -36,7 +35,15 @@ from k2_assets.gold.dedup import (
     register_stream,
 )
 from k2_assets.gold.tables import DEDUP_AUDIT_TABLE_SPEC, GOLD_TABLE_SPEC
-from k2_assets.partitions import HOUR_KEY_FORMAT
+from k2_assets.partitions import (
+    HOUR,
+    MICROS_PER_HOUR,
+    floor_hour,
+    from_micros,
+    hour_key,
+    hour_window,
+    to_micros,
+)
 from k2_resources.crashpoints import crash_point
 from k2_resources.engine import EngineResource
 from k2_resources.iceberg import IcebergCatalogResource
@@ -82,14 +89,14 @@ class GoldDedupConfig(DuckDBConfig):
 REWRITE_THREADS = 2
 
 
-def hour_key(micros: int) -> str:
-    return (datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=micros)).strftime(HOUR_KEY_FORMAT)
+def hour_key_of_micros(micros: int) -> str:
+    return hour_key(from_micros(micros))
 
 
 def lookback_window(hours: int, now: datetime) -> tuple[datetime, datetime]:
     if hours <= 0:
         raise ValueError(f"lookback_hours must be positive, not {hours}")
-    end = now.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+    end = floor_hour(now) + HOUR
     return end - timedelta(hours=hours), end
 
 
@@ -162,7 +169,7 @@ def pending_hours(
             f"FROM gold g SEMI JOIN removed r ON g.message_id = r.message_id "
             f"AND g.timestamp // {MICROS_PER_HOUR} = r.event_hour)"
         ).fetchall()
-    return sorted(hour_key(micros) for (micros,) in still_there)
+    return sorted(hour_key_of_micros(micros) for (micros,) in still_there)
 
 
 @dg.op(out=dg.Out(list), description="Stage 1: find duplicates in the lookback window and audit them.")
@@ -189,7 +196,11 @@ def find_gold_duplicates(
     )
     by_hour = (
         Counter(
-            zip((hour_key(t) for t in new["timestamp"].to_pylist()), new["reason"].to_pylist(), strict=True)
+            zip(
+                (hour_key_of_micros(t) for t in new["timestamp"].to_pylist()),
+                new["reason"].to_pylist(),
+                strict=True,
+            )
         )
         if new.num_rows
         else Counter()
@@ -262,8 +273,7 @@ def remove_gold_duplicates(
 
 def rewrite_hour(iceberg: IcebergCatalogResource, gold: Table, hour: str) -> tuple[int, PreparedWrite]:
     """The hour's Gold rows without its audited ones, written as (uncommitted) files; its rows before."""
-    start = datetime.strptime(hour, HOUR_KEY_FORMAT).replace(tzinfo=UTC)
-    scope = RowScope(start, start + timedelta(hours=1))
+    scope = RowScope(*hour_window(hour))
     # Within one hour a message_id names one Gold row (row_keys without the constant hour).
     remove = audited(iceberg, scope.start, scope.end)["message_id"]
     stream = read_scope(gold, GOLD_TABLE_SPEC, scope)

@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from datetime import timedelta
 
 import dagster as dg
 
 from k2_assets.gold.assets import GOLD_KEY, SILVER_READ_AT
-from k2_assets.partitions import hour_start, hourly_partitions
+from k2_assets.partitions import hour_window, hourly_partitions
 from k2_assets.resources import automation_status
 from k2_assets.silver.assets import EVENT_HOURS, EVENT_HOURS_ADDED, PASS_PARTITIONS, silver_asset_key
 from k2_assets.silver.checks import BLOCKING_CHECKS
@@ -115,8 +114,7 @@ def changed_hours(instance: dg.DagsterInstance, record: dg.EventLogRecord) -> di
     return {
         hour: moment
         for hour, moment in since.items()
-        if hourly_partitions.has_partition_key(hour)
-        and (hour_start(hour) + timedelta(hours=1)).timestamp() <= record.timestamp
+        if hourly_partitions.has_partition_key(hour) and hour_window(hour)[1].timestamp() <= record.timestamp
     }
 
 

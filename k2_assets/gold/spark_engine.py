@@ -33,11 +33,9 @@ from pyspark.errors import PySparkException
 from k2_assets.gold.assets import (
     GOLD_KEY,
     LINEAGE_COLUMNS,
-    MICROS_PER_HOUR,
     SILVER_READ_AT,
     V2_COLUMNS,
     SilverTrades,
-    to_micros,
 )
 from k2_assets.gold.checks import matches_silver_result, no_duplicates_result
 from k2_assets.gold.dedup import DuckDBConfig
@@ -50,7 +48,7 @@ from k2_assets.gold.jobs import (
     report_rewritten_hour,
 )
 from k2_assets.gold.tables import DEDUP_AUDIT_TABLE_SPEC, GOLD_TABLE_SPEC
-from k2_assets.partitions import HOUR_KEY_FORMAT
+from k2_assets.partitions import HOUR_KEY_FORMAT, MICROS_PER_HOUR, hour_window, to_micros
 from k2_assets.silver.spark_engine import partition_label, spark_where
 from k2_assets.silver.tables import silver_table_spec
 from k2_resources.crashpoints import crash_point
@@ -407,8 +405,7 @@ def remove_duplicates_on_spark(
     """Stage 2 of gold_dedup_job on Spark: each hour rewritten without its audited rows, one commit each."""
     catalog = engine.catalog_name
     for hour in hours:
-        start = datetime.strptime(hour, HOUR_KEY_FORMAT).replace(tzinfo=UTC)
-        end = start + timedelta(hours=1)
+        start, end = hour_window(hour)
         scope = RowScope(start, end)
         with spark_failures(f"gold_dedup_job stage 2, hour {hour}"):
             spark = engine.session

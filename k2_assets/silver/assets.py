@@ -31,7 +31,7 @@ from pyiceberg.table import FileScanTask
 
 from k2_assets.bronze.assets import bronze_asset_key
 from k2_assets.bronze.tables import bronze_table_spec
-from k2_assets.partitions import HOUR_KEY_FORMAT, hourly_automation, hourly_partitions
+from k2_assets.partitions import HOUR_KEY_FORMAT, MICROS_PER_HOUR, hourly_automation, hourly_partitions
 from k2_assets.silver.checks import conservation_result, dlq_rate_result, silver_check_specs
 from k2_assets.silver.tables import DLQ_TABLE_SPEC, silver_table_spec
 from k2_assets.silver.transform import ValidationRules, WriterSchemas, transform_batches
@@ -43,7 +43,6 @@ from k2_resources.kafka import SchemaRegistryResource
 
 IO_MANAGER_KEY = "iceberg_io_manager"
 DEFAULT_RULES = ValidationRules()
-MICROS_PER_HOUR = 3_600_000_000
 # Silver output metadata the Gold late-data sensor reads: event hour -> trades of a full pass, the
 # same for the rows a DLQ replay added, and how many partitions the pass covered (a range run records
 # the range's totals on each of them).

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from k2_assets.partitions import HOUR_KEY_FORMAT
+from k2_assets.partitions import hour_window
 from k2_assets.silver.assets import (
     EVENT_HOURS_ADDED,
     SilverConfig,
@@ -85,8 +85,7 @@ def replay_partition(
     schemas: WriterSchemas,
     config: DlqReplayConfig,
 ) -> dict[str, int]:
-    start = datetime.strptime(hour, HOUR_KEY_FORMAT).replace(tzinfo=UTC)
-    scope = RowScope(start, start + timedelta(hours=1))
+    scope = RowScope(*hour_window(hour))
     dlq_table = iceberg.ensure_table(DLQ_TABLE_SPEC)
     slice_rows = read_scope(dlq_table, DLQ_TABLE_SPEC, RowScope(scope.start, scope.end, ex.name))
     dlq_rows = pa.Table.from_batches(list(slice_rows.batches()), schema=dlq_table.schema().as_arrow())

@@ -34,7 +34,7 @@ from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 
 from k2_assets.bronze.tables import bronze_table_spec
-from k2_assets.partitions import HOUR_KEY_FORMAT
+from k2_assets.partitions import HOUR_KEY_FORMAT, MICROS_PER_HOUR
 from k2_assets.silver.assets import (
     EVENT_HOURS,
     PASS_PARTITIONS,
@@ -62,7 +62,6 @@ from k2_resources.iceberg import IcebergCatalogResource
 from k2_resources.io_manager import RowScope, read_scope, write_metadata
 
 SILVER_PREFIX, DLQ_PREFIX, KIND = "s__", "d__", "k2_kind"  # columns of the routed frame
-MICROS_PER_HOUR = 3_600_000_000
 # Bronze bytes per read task: about 40K records of ~200 bytes, so an hour's decoding spreads over the
 # executors' cores instead of landing in the one task Iceberg's 128 MB splits would make.
 BRONZE_SPLIT_BYTES = 8 * 1024 * 1024
