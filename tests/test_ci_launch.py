@@ -17,7 +17,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ import pytest
 
 from k2_assets.cli.instance import REPO_ROOT, WORKSPACE_FILE, prepare_dagster_home
 from k2_assets.partitions import hour_key
+from k2_resources.devstack.kafka import free_ports
 from k2_resources.exchanges import EXCHANGES
 from k2_resources.settings import read_env_file
 from tests.conftest import k2, k2_env
@@ -60,9 +60,7 @@ TRADES_START = "-2h30m"
 
 def free_port() -> int:
     """A TCP port nothing listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def wait_for(check: Callable[[], T | None], timeout: float, what: str, interval: float = 1.0) -> T:

@@ -318,3 +318,12 @@ def test_v2_round_trip_through_the_dev_broker(devstack_env: dict[str, str]) -> N
     assert decoded["timestamp"] == dt.datetime(2026, 1, 20, 14, 3, 7, 123456, tzinfo=UTC)
     assert decoded["side"] == "SELL_SHORT" and decoded["vendor_data"]["event_type"] == "trade"
     assert message.key() == b"BINANCE-789012"
+
+
+def test_broker_ports_are_distinct_even_when_the_os_reuses_ports(tmp_path: Path) -> None:
+    """CI once got one port for PLAINTEXT and CONTROLLER (picked one at a time, each released before the
+    next), and the broker refused to format its log dirs."""
+    assert len(set(dev_kafka.free_ports(200))) == 200
+    for attempt in range(50):
+        ports = dev_kafka.broker_ports(tmp_path / str(attempt))
+        assert len({ports.plaintext, ports.controller, ports.sasl}) == 3, ports

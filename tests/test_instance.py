@@ -34,6 +34,7 @@ from k2_assets.cli.instance import (
     SQLITE_INSTANCE_FILE,
     prepare_dagster_home,
 )
+from k2_resources.devstack.kafka import free_ports
 from k2_resources.settings import POSTGRES_SETTINGS, read_env_file
 from tests.conftest import k2, k2_env
 from tests.test_ci_launch import (
@@ -228,7 +229,7 @@ def code_server_serving(port: int) -> bool:
 def grpc_topology(env: dict[str, str], logs: Path) -> Iterator[tuple[int, int, list[subprocess.Popen]]]:
     """Code server + webserver + daemon on a gRPC workspace: (webserver port, code port, processes)."""
     logs.mkdir(parents=True, exist_ok=True)
-    code_port, web_port = free_port(), free_port()
+    code_port, web_port = free_ports(2)
     workspace = logs / "workspace.yaml"
     workspace.write_text(
         yaml.safe_dump(
@@ -360,6 +361,13 @@ def bronze_rows(home: Path) -> int:
     return table.scan().count()
 
 
+def still_running(process: subprocess.Popen, what: str) -> bool:
+    """True while `process` runs; an exit fails the wait at once instead of at its timeout."""
+    if process.poll() is not None:
+        raise AssertionError(f"{what} exited with {process.returncode} before it was ready")
+    return True
+
+
 def test_k2_dev_streams_into_bronze_and_stops_everything(tmp_path: Path) -> None:
     home, port = tmp_path / "k2home", free_port()
     log = tmp_path / "k2dev.log"
@@ -374,7 +382,9 @@ def test_k2_dev_streams_into_bronze_and_stops_everything(tmp_path: Path) -> None
             start_new_session=True,
         )
     try:
-        wait_for(lambda: dev.poll() is None and location_loaded(port), 300, "k2 dev's webserver", 2.0)
+        wait_for(
+            lambda: still_running(dev, "k2 dev") and location_loaded(port), 300, "k2 dev's webserver", 2.0
+        )
         states = sensor_states(port)
         assert states["bronze_binance_ingestion_sensor"] == "RUNNING", states
         assert states["k2_automation_sensor"] == "RUNNING", states

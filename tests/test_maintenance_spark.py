@@ -20,6 +20,7 @@ import pytest
 from k2_assets.bronze.ingestion import read_stored_offsets
 from k2_assets.maintenance.actions import maintain_table
 from k2_assets.maintenance.jobs import TARGETS
+from k2_resources.devstack.kafka import free_ports
 from k2_resources.iceberg import IcebergCatalogResource
 from k2_resources.iceberg_maintenance import MaintenancePolicy
 from k2_resources.spark import (
@@ -167,7 +168,7 @@ def test_maintenance_through_spark_connect_by_configuration_alone(
     (tmp_path / "w").mkdir()
     commit_batches(catalog, 10, 10, when=datetime.now(UTC) - timedelta(days=9))
     commit_batches(catalog, 10, 10)
-    port = free_port()
+    port = free_ports(1)[0]
     spark_home = Path(pyspark.__file__).parent
     server = subprocess.Popen(
         [
@@ -204,12 +205,6 @@ def test_maintenance_through_spark_connect_by_configuration_alone(
     assert sorted(table.scan(selected_fields=("offset",)).to_arrow()["offset"].to_pylist()) == list(
         range(100, 200)
     )
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_for_port(port: int, process: subprocess.Popen, timeout: float) -> None:

@@ -1,9 +1,10 @@
-"""The embedded dev stack: a librdkafka mock Kafka cluster and a Confluent-compatible Schema Registry.
+"""The embedded dev stack: a real Apache Kafka broker (KRaft, one node, from Maven Central's jars) and a
+Confluent-compatible Schema Registry, for machines that start no services.
 
-Neither Kafka nor a Schema Registry can be installed on the development machines, so `k2 devstack up`
-starts one detached host process that keeps both alive on 127.0.0.1 and writes their addresses to
-`$K2_HOME/devstack.env`. Unmodified Kafka and registry clients in other processes talk to it as they
-would to a real cluster, which keeps the pipeline code free of dev-only branches.
+`k2 devstack up` starts both as detached processes on 127.0.0.1 and writes their addresses to
+`$K2_HOME/devstack.env`. Unmodified Kafka and registry clients in other processes talk to them as they
+would to a real cluster, which keeps the pipeline code free of dev-only branches
+(`K2_DEVSTACK_KAFKA=mock` swaps the broker for librdkafka's mock cluster where there is no Java).
 
 In-process use (tests, notebooks): `start_devstack(home)`, `devstack_status(home)`, `stop_devstack(home)`.
 """

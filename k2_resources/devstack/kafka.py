@@ -211,10 +211,15 @@ def broker_log_path(home: Path) -> Path:
     return broker_dir(home) / "broker.log"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
+def free_ports(count: int, host: str = HOST) -> list[int]:
+    """`count` distinct ports nothing listens on now. All sockets stay bound until every port is picked:
+    picking them one at a time lets the OS hand out the same port twice (a broker whose PLAINTEXT and
+    CONTROLLER listeners got one port refused to format its log dirs)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in sockets]
 
 
 def _port_free(port: int) -> bool:
@@ -237,7 +242,10 @@ def broker_ports(home: Path, plaintext_port: int = 0) -> BrokerPorts:
         wanted_ok = plaintext_port in (0, stored.plaintext)
         if wanted_ok and all(_port_free(p) for p in (stored.plaintext, stored.controller, stored.sasl)):
             return stored
-    ports = BrokerPorts(plaintext=plaintext_port or _free_port(), controller=_free_port(), sasl=_free_port())
+    plaintext, controller, sasl = free_ports(3)
+    while plaintext_port in (controller, sasl):
+        plaintext, controller, sasl = free_ports(3)
+    ports = BrokerPorts(plaintext=plaintext_port or plaintext, controller=controller, sasl=sasl)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(ports.__dict__) + "\n")
     return ports
