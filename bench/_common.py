@@ -37,7 +37,7 @@ from typing import IO, TYPE_CHECKING, Any
 import psutil
 
 if TYPE_CHECKING:
-    from k2_resources.devstack.stack import DevstackInfo
+    from k2_resources.dev.devstack.stack import DevstackInfo
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT_PREFIX = "K2-BENCH-RESULT "
@@ -216,7 +216,7 @@ def private_stack(home: Path) -> Iterator[DevstackInfo]:
     A benchmark must not share a broker or catalog with whatever else runs on the machine: its topics
     start empty and its tables hold only what it wrote.
     """
-    from k2_resources.devstack import start_devstack, stop_devstack
+    from k2_resources.dev.devstack import start_devstack, stop_devstack
 
     saved = {k: os.environ.get(k) for k in os.environ if k.startswith("K2_")}
     info = start_devstack(home)

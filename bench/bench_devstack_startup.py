@@ -26,7 +26,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from k2_resources.devstack import kafka as dev_kafka  # noqa: E402
+from k2_resources.dev.devstack import kafka as dev_kafka  # noqa: E402
 
 
 def k2(home: Path, *args: str, **env: str) -> float:

@@ -389,7 +389,7 @@ def main() -> None:
 
     from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 
-    from k2_resources.devstack.registry import SchemaStore, start_registry_server
+    from k2_resources.dev.devstack.registry import SchemaStore, start_registry_server
     from k2_resources.exchanges import exchange
     from k2_resources.trade_schema import trade_v2_schema_str
 

@@ -50,7 +50,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     with tempfile.TemporaryDirectory(prefix="k2-bench-silver-") as tmp:
         os.environ["K2_HOME"] = tmp
-        from k2_resources.devstack import start_devstack, stop_devstack
+        from k2_resources.dev.devstack import start_devstack, stop_devstack
 
         info = start_devstack(Path(tmp))
         os.environ.update(info.env())

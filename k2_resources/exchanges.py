@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "topics":
         print("\n".join(e.topic for e in EXCHANGES))
         return 0
-    from k2_resources.devstack.kafka import ensure_topics
+    from k2_resources.dev.devstack.kafka import ensure_topics
 
     for topic, partitions in ensure_topics(args.bootstrap_servers, EXCHANGES, args.timeout).items():
         print(f"{topic}: {partitions} partitions")

@@ -118,7 +118,7 @@ def build_corpus() -> Corpus:
     """The corpus from this tree's simulator, against a registry of its own (ids from 1)."""
     from confluent_kafka.schema_registry import SchemaRegistryClient
 
-    from k2_resources.devstack.registry import SchemaStore, start_registry_server
+    from k2_resources.dev.devstack.registry import SchemaStore, start_registry_server
     from k2_resources.exchanges import EXCHANGES
 
     server = start_registry_server(SchemaStore())
@@ -132,9 +132,9 @@ def build_corpus() -> Corpus:
 
 def _exchange_rows(exchange: Any, count: int, registry: Any) -> pa.Table:
     """`count` records of `exchange` as the simulator's producer builds them, as Bronze rows."""
-    from k2_resources.simulator.faults import FaultChooser
-    from k2_resources.simulator.market import seeded_rng
-    from k2_resources.simulator.producer import Encoder, Plan, RecordBuilder
+    from k2_resources.dev.simulator.faults import FaultChooser
+    from k2_resources.dev.simulator.market import seeded_rng
+    from k2_resources.dev.simulator.producer import Encoder, Plan, RecordBuilder
 
     plan = Plan(
         exchange=exchange,
@@ -257,7 +257,7 @@ def materialise(corpus: Corpus, home: Path) -> dict[str, pa.Table]:
     does; the normalised tables. Sets the process's K2_* settings, so call it in a process of its own."""
     from confluent_kafka.schema_registry import SchemaRegistryClient
 
-    from k2_resources.devstack.registry import SchemaStore, start_registry_server
+    from k2_resources.dev.devstack.registry import SchemaStore, start_registry_server
 
     server = start_registry_server(SchemaStore())
     try:
@@ -410,7 +410,7 @@ def _keyed(table: pa.Table, keys: Sequence[str]) -> dict[tuple, None]:
 def coverage_gaps(corpus: Corpus, outputs: Mapping[str, pa.Table]) -> list[str]:
     """What the corpus fails to exercise: a fault kind missing from either exchange, a DLQ category of
     FAULT_CATEGORIES missing from the DLQ, late trades not in a later ingestion hour, no dedup removal."""
-    from k2_resources.simulator.faults import KINDS
+    from k2_resources.dev.simulator.faults import KINDS
     from tests.pipeline_helpers import FAULT_CATEGORIES
 
     gaps = []

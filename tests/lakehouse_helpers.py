@@ -21,7 +21,7 @@ from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 
 from k2_assets.bronze.tables import bronze_table_spec
 from k2_assets.partitions import floor_hour
-from k2_resources.devstack.registry import SchemaStore, start_registry_server
+from k2_resources.dev.devstack.registry import SchemaStore, start_registry_server
 from k2_resources.exchanges import EXCHANGES, ExchangeConfig
 from k2_resources.iceberg import IcebergCatalogResource
 from k2_resources.trade_schema import trade_v2_schema, trade_v2_schema_str

@@ -36,7 +36,7 @@ import pytest
 
 from k2_assets.cli.instance import REPO_ROOT, WORKSPACE_FILE, prepare_dagster_home
 from k2_assets.partitions import hour_key
-from k2_resources.devstack.kafka import free_ports
+from k2_resources.dev.devstack.kafka import free_ports
 from k2_resources.exchanges import EXCHANGES
 from k2_resources.settings import read_env_file
 from tests.conftest import k2, k2_env

@@ -23,8 +23,8 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 
-from k2_resources.devstack import DevstackError, devstack_status, start_devstack, stop_devstack
-from k2_resources.devstack import kafka as dev_kafka
+from k2_resources.dev.devstack import DevstackError, devstack_status, start_devstack, stop_devstack
+from k2_resources.dev.devstack import kafka as dev_kafka
 from k2_resources.exchanges import EXCHANGES, exchange
 from k2_resources.settings import KAFKA_BOOTSTRAP_SERVERS, SCHEMA_REGISTRY_URL, read_env_file
 from k2_resources.trade_schema import trade_v2_schema_str
@@ -38,7 +38,7 @@ def _host_processes(home: Path) -> list[psutil.Process]:
     found = []
     for process in psutil.process_iter(["cmdline", "status"]):
         cmdline = process.info["cmdline"] or []
-        ours = "k2_resources.devstack.stack" in cmdline and str(home) in cmdline
+        ours = "k2_resources.dev.devstack.stack" in cmdline and str(home) in cmdline
         if ours and process.info["status"] != psutil.STATUS_ZOMBIE:
             found.append(process)
     return found

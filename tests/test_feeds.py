@@ -11,9 +11,9 @@ from decimal import Decimal
 
 import pytest
 
+from k2_resources.dev.simulator.market import Market, seeded_message_ids, seeded_rng, v2_trades
 from k2_resources.exchanges import exchange
 from k2_resources.feeds import binance, kraken, parse_message
-from k2_resources.simulator.market import Market, seeded_message_ids, seeded_rng, v2_trades
 
 BINANCE = exchange("binance")
 KRAKEN = exchange("kraken")

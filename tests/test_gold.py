@@ -18,9 +18,9 @@ from k2_assets.gold.sensors import gold_late_data_sensor
 from k2_assets.gold.tables import DEDUP_AUDIT_TABLE_SPEC, GOLD_TABLE_SPEC
 from k2_assets.silver.tables import silver_table_spec
 from k2_assets.tables import all_table_specs
+from k2_resources.dev.simulator import produce
 from k2_resources.exchanges import EXCHANGES
 from k2_resources.iceberg import IcebergCatalogResource
-from k2_resources.simulator import produce
 from tests.conftest import k2
 from tests.pipeline_helpers import (
     build_silver,

@@ -34,7 +34,7 @@ from k2_assets.cli.instance import (
     SQLITE_INSTANCE_FILE,
     prepare_dagster_home,
 )
-from k2_resources.devstack.kafka import free_ports
+from k2_resources.dev.devstack.kafka import free_ports
 from k2_resources.settings import POSTGRES_SETTINGS, read_env_file
 from tests.conftest import k2, k2_env
 from tests.test_ci_launch import (

@@ -23,7 +23,7 @@ from confluent_kafka.admin import AdminClient, ConfigResource, NewPartitions, Ne
 
 from k2_assets.bronze.ingestion import IngestionSettings, TopicIngestion
 from k2_assets.bronze.tables import bronze_table_spec
-from k2_resources.devstack import kafka as dev_kafka
+from k2_resources.dev.devstack import kafka as dev_kafka
 from k2_resources.iceberg import IcebergCatalogResource
 from k2_resources.kafka import KafkaAuthenticationError, KafkaResource, close_consumer
 from tests.conftest import k2, k2_env

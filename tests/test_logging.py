@@ -47,7 +47,7 @@ def test_json_logs_carry_run_asset_partition_exchange_and_no_password(
 ) -> None:
     from k2_assets.cli.instance import prepare_dagster_home
     from k2_assets.silver.assets import dlq_asset_key, silver_asset_key
-    from k2_resources.devstack import kafka as dev_kafka
+    from k2_resources.dev.devstack import kafka as dev_kafka
     from k2_resources.exchanges import exchange
     from tests.pipeline_helpers import materialize, this_hour
     from tests.test_bronze_ingestion import produce_raw

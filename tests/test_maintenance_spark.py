@@ -20,7 +20,7 @@ import pytest
 from k2_assets.bronze.ingestion import read_stored_offsets
 from k2_assets.maintenance.actions import maintain_table
 from k2_assets.maintenance.jobs import TARGETS
-from k2_resources.devstack.kafka import free_ports
+from k2_resources.dev.devstack.kafka import free_ports
 from k2_resources.iceberg import IcebergCatalogResource
 from k2_resources.iceberg_maintenance import MaintenancePolicy
 from k2_resources.spark import (

@@ -75,7 +75,7 @@ from k2_resources.feeds import (
     v2_record,
 )
 from k2_resources.feeds.protocol import Classified, Kind
-from k2_resources.simulator.market import Book, Market, NativeMessage
+from k2_resources.dev.simulator.market import Book, Market, NativeMessage
 
 MESSAGE_TYPES = ("match", "last_match")
 TAKER_SIDE = {"buy": "SELL", "sell": "BUY"}
@@ -378,7 +378,7 @@ import itertools, json
 import fastavro.validation
 from k2_resources.exchanges import exchange
 from k2_resources.feeds import parse_message
-from k2_resources.simulator.market import Market, seeded_message_ids, seeded_rng, v2_trades
+from k2_resources.dev.simulator.market import Market, seeded_message_ids, seeded_rng, v2_trades
 from k2_resources.trade_schema import trade_v2_parsed
 
 config = exchange("coinbase")

@@ -20,7 +20,7 @@ from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerialize
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 from confluent_kafka.serialization import MessageField, SerializationContext
 
-from k2_resources.devstack.registry import incompatibilities, parse_avro
+from k2_resources.dev.devstack.registry import incompatibilities, parse_avro
 from k2_resources.exchanges import EXCHANGES
 from k2_resources.settings import SCHEMA_REGISTRY_URL, read_env_file
 from k2_resources.trade_schema import trade_v2_schema, trade_v2_schema_str

@@ -15,9 +15,9 @@ from pyiceberg.expressions import AlwaysTrue
 
 from k2_assets.bronze.tables import bronze_table_spec
 from k2_assets.silver.tables import DLQ_TABLE_SPEC, silver_table_spec
+from k2_resources.dev.simulator import produce
 from k2_resources.exchanges import exchange
 from k2_resources.iceberg import IcebergCatalogResource
-from k2_resources.simulator import produce
 from tests.pipeline_helpers import (
     FAULT_CATEGORIES,
     SILVER_KEYS,

@@ -13,7 +13,7 @@ from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 
 from k2_assets.silver.rules import ValidationRules
 from k2_assets.silver.transform import RegistryUnusable, WriterSchemas, transform_batches
-from k2_resources.devstack.registry import SchemaStore, start_registry_server
+from k2_resources.dev.devstack.registry import SchemaStore, start_registry_server
 from k2_resources.trade_schema import trade_v2_schema_str
 from tests.test_silver_transform import BINANCE, NOW, bronze, framed, trade
 

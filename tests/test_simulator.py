@@ -26,11 +26,11 @@ from confluent_kafka.schema_registry.avro import AvroDeserializer
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 from confluent_kafka.serialization import MessageField, SerializationContext
 
+from k2_resources.dev.simulator import producer as producer_module
+from k2_resources.dev.simulator.faults import parse_faults
+from k2_resources.dev.simulator.producer import ProduceError, produce
 from k2_resources.exchanges import exchange
 from k2_resources.settings import read_env_file
-from k2_resources.simulator import producer as producer_module
-from k2_resources.simulator.faults import parse_faults
-from k2_resources.simulator.producer import ProduceError, produce
 from k2_resources.trade_schema import trade_v2_parsed, trade_v2_schema_str
 from tests.conftest import k2
 

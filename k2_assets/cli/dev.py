@@ -57,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_dev(args: argparse.Namespace) -> int:
     """Run until Dagster exits or the user interrupts; always stop what this command started."""
-    from k2_resources.devstack import DevstackError
+    from k2_resources.dev.devstack import DevstackError
     from k2_resources.settings import k2_home
 
     home = k2_home()
@@ -83,7 +83,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
 def dev_environment(home: Path) -> dict[str, str]:
     """The dev stack up and the instance prepared: the environment every child process gets."""
     from k2_assets.cli.instance import prepare_dagster_home
-    from k2_resources.devstack import start_devstack
+    from k2_resources.dev.devstack import start_devstack
     from k2_resources.settings import AUTOMATION, HOME, KAFKA_BOOTSTRAP_SERVERS, SCHEMA_REGISTRY_URL
 
     info = start_devstack(home)

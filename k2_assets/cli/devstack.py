@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from k2_resources.devstack.stack import (
+from k2_resources.dev.devstack.stack import (
     DevstackError,
     DevstackInfo,
     DevstackStatus,
@@ -69,7 +69,7 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _install(args: argparse.Namespace) -> int:
-    from k2_resources.devstack import kafka
+    from k2_resources.dev.devstack import kafka
 
     try:
         folder = kafka.install_jars()

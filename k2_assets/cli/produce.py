@@ -57,7 +57,7 @@ def run_produce(args: argparse.Namespace) -> int:
     from confluent_kafka import KafkaException
     from confluent_kafka.schema_registry.error import SchemaRegistryError
 
-    from k2_resources.simulator.producer import DEFAULT_RATE, produce
+    from k2_resources.dev.simulator.producer import DEFAULT_RATE, produce
 
     try:
         report = produce(
@@ -95,7 +95,7 @@ def positive_float(text: str) -> float:
 
 def start_time(text: str) -> datetime:
     """Parsed at argument time so a typo is a usage error, not a half-started run."""
-    from k2_resources.simulator.producer import parse_time
+    from k2_resources.dev.simulator.producer import parse_time
 
     try:
         return parse_time(text, datetime.now(UTC))
@@ -104,7 +104,7 @@ def start_time(text: str) -> datetime:
 
 
 def fault_spec(text: str) -> str:
-    from k2_resources.simulator.faults import parse_faults
+    from k2_resources.dev.simulator.faults import parse_faults
 
     try:
         parse_faults(text)

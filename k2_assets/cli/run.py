@@ -67,8 +67,8 @@ class RunLog:
 
 def produce_trades(now: datetime) -> dict[str, dict]:
     """Each exchange's `run_trades` (k2_resources/exchanges.py) spread over the simulated hours."""
+    from k2_resources.dev.simulator import produce
     from k2_resources.exchanges import EXCHANGES
-    from k2_resources.simulator import produce
 
     reports = {}
     for exchange in EXCHANGES:
@@ -151,7 +151,7 @@ def print_report(log: RunLog) -> None:
 def run_pipeline() -> int:
     """The README's main command; returns the process exit code."""
     from k2_assets.cli.instance import prepare_dagster_home
-    from k2_resources.devstack import start_devstack
+    from k2_resources.dev.devstack import start_devstack
     from k2_resources.settings import load_devstack_env
 
     info = start_devstack()

@@ -13,6 +13,7 @@ from decimal import Decimal
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from k2_resources.dev.simulator.market import Book, Market, NativeMessage
 from k2_resources.exchanges import ExchangeConfig
 from k2_resources.feeds import (
     MessageIdFactory,
@@ -25,7 +26,6 @@ from k2_resources.feeds import (
     v2_record,
 )
 from k2_resources.feeds.protocol import Classified, Kind
-from k2_resources.simulator.market import Book, Market, NativeMessage
 
 EVENT_TYPE = "trade"
 MAX_CONNECTION_SECONDS = 24 * 3600.0  # Binance closes every connection after 24 hours

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from k2_resources.dev.simulator.market import Book, Market, NativeMessage
 from k2_resources.exchanges import ExchangeConfig
 from k2_resources.feeds import (
     MessageIdFactory,
@@ -25,7 +26,6 @@ from k2_resources.feeds import (
     v2_record,
 )
 from k2_resources.feeds.protocol import Classified, Kind
-from k2_resources.simulator.market import Book, Market, NativeMessage
 
 CHANNEL = "trade"
 MESSAGE_TYPES = ("snapshot", "update")

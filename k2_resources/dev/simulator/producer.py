@@ -28,18 +28,7 @@ from confluent_kafka.schema_registry.avro import AvroSerializer
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 from confluent_kafka.serialization import MessageField, SerializationContext
 
-from k2_resources.exchanges import ExchangeConfig
-from k2_resources.exchanges import exchange as exchange_named
-from k2_resources.feeds import datetime_to_micros, micros_to_datetime
-from k2_resources.settings import (
-    KAFKA_BOOTSTRAP_SERVERS,
-    KAFKA_CLIENT_PREFIX,
-    SCHEMA_REGISTRY_CLIENT_PREFIX,
-    SCHEMA_REGISTRY_URL,
-    client_properties,
-    require_setting,
-)
-from k2_resources.simulator.faults import (
+from k2_resources.dev.simulator.faults import (
     CLEAN,
     FIELD_FAULTS,
     HISTORY_FAULTS,
@@ -52,7 +41,18 @@ from k2_resources.simulator.faults import (
     parse_faults,
     wire_header,
 )
-from k2_resources.simulator.market import Market, seeded_message_ids, seeded_rng, v2_trades
+from k2_resources.dev.simulator.market import Market, seeded_message_ids, seeded_rng, v2_trades
+from k2_resources.exchanges import ExchangeConfig
+from k2_resources.exchanges import exchange as exchange_named
+from k2_resources.feeds import datetime_to_micros, micros_to_datetime
+from k2_resources.settings import (
+    KAFKA_BOOTSTRAP_SERVERS,
+    KAFKA_CLIENT_PREFIX,
+    SCHEMA_REGISTRY_CLIENT_PREFIX,
+    SCHEMA_REGISTRY_URL,
+    client_properties,
+    require_setting,
+)
 from k2_resources.trade_schema import trade_v2_schema, trade_v2_schema_str
 
 DEFAULT_RATE = 50.0  # trades per second of market time

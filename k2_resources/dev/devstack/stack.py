@@ -1,9 +1,9 @@
 """Start, stop and inspect the dev stack: a Kafka broker and a Schema Registry host (`serve`).
 
 Two detached processes per K2_HOME, each found again through its pid file:
-- the Kafka broker, a real Apache Kafka JVM (`k2_resources.devstack.kafka`, files under
+- the Kafka broker, a real Apache Kafka JVM (`k2_resources.dev.devstack.kafka`, files under
   `$K2_HOME/devstack/kafka/`), whose records and offsets survive `down`, `up` and a SIGKILL;
-- the host (`python -m k2_resources.devstack.stack serve`), which serves the Schema Registry, and holds
+- the host (`python -m k2_resources.dev.devstack.stack serve`), which serves the Schema Registry, and holds
   librdkafka's mock cluster instead of a broker when `K2_DEVSTACK_KAFKA=mock` (no Java).
 
 `up` starts whichever of them is not running, so a broker killed with SIGKILL comes back by `up` on
@@ -42,12 +42,12 @@ from urllib.parse import quote
 
 import psutil
 
-from k2_resources.devstack import kafka as broker
-from k2_resources.devstack.broker import TopicWatermarks, probe_topics
+from k2_resources.dev.devstack import kafka as broker
+from k2_resources.dev.devstack.broker import TopicWatermarks, probe_topics
 from k2_resources.exchanges import EXCHANGES
 from k2_resources.settings import KAFKA_BOOTSTRAP_SERVERS, SCHEMA_REGISTRY_URL, k2_home
 
-HOST_MODULE = "k2_resources.devstack.stack"
+HOST_MODULE = "k2_resources.dev.devstack.stack"
 HOST = "127.0.0.1"
 MOCK_KAFKA = "librdkafka mock cluster (fallback: in memory, lost on restart)"
 LOG_TAIL_LINES = 40
@@ -506,7 +506,7 @@ def devstack_status(home: Path | str | None = None, timeout: float = 5.0) -> Dev
 
 def serve(home: Path, registry_port: int, mock_kafka: bool = False) -> int:
     """Run the registry (and, as a fallback, the mock cluster) until SIGTERM/SIGINT; publish addresses."""
-    from k2_resources.devstack.registry import SchemaStore, start_registry_server
+    from k2_resources.dev.devstack.registry import SchemaStore, start_registry_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("k2.devstack")
@@ -518,7 +518,7 @@ def serve(home: Path, registry_port: int, mock_kafka: bool = False) -> int:
     addresses: dict[str, Any] = {"pid": os.getpid(), "kafka": "mock" if mock_kafka else "apache"}
     mock = None
     if mock_kafka:
-        from k2_resources.devstack.broker import MockBroker
+        from k2_resources.dev.devstack.broker import MockBroker
 
         log.warning("Kafka is %s, not a real broker", MOCK_KAFKA)
         mock = MockBroker()
@@ -575,7 +575,7 @@ def _publish(home: Path, addresses: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m k2_resources.devstack.stack serve --home H [--registry-port P]` (started by `up`)."""
+    """`python -m k2_resources.dev.devstack.stack serve --home H [--registry-port P]` (started by `up`)."""
     parser = argparse.ArgumentParser(
         prog=f"python -m {HOST_MODULE}", description="The dev stack host process."
     )

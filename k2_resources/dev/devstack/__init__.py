@@ -25,8 +25,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    """Import `stack` on first use: the host runs as `python -m k2_resources.devstack.stack`, and an
+    """Import `stack` on first use: the host runs as `python -m k2_resources.dev.devstack.stack`, and an
     eager import here would load that module twice (runpy warns about it)."""
     if name in __all__:
-        return getattr(importlib.import_module("k2_resources.devstack.stack"), name)
+        return getattr(importlib.import_module("k2_resources.dev.devstack.stack"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
