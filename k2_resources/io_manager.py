@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import dagster as dg
 import pandas as pd
@@ -481,10 +481,19 @@ def read_scope(
     return IcebergStream(table, spec, scope, snapshot.snapshot_id if snapshot else None, columns=columns)
 
 
+@runtime_checkable
+class ReportingStream(Protocol):
+    """Record batches for the IO manager that also describe what went through them (DLQ categories,
+    event hours): `output_metadata()` is asked after the write, once the stream was consumed."""
+
+    def __iter__(self) -> Iterator[pa.RecordBatch]: ...
+
+    def output_metadata(self) -> dict[str, Any]: ...
+
+
 def write_metadata(report: WriteReport, spec: TableSpec, scope: RowScope, data: Any) -> dict[str, Any]:
-    """A write's materialisation metadata: its report, and the data's own (`output_metadata()`, asked
-    after the write, when a stream knows what went through it)."""
-    extra = data.output_metadata() if callable(getattr(data, "output_metadata", None)) else {}
+    """A write's materialisation metadata: its report, and a `ReportingStream`'s own."""
+    extra = data.output_metadata() if isinstance(data, ReportingStream) else {}
     return {**report.metadata(), "table": spec.identifier, "scope": scope.describe(), **extra}
 
 

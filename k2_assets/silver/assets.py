@@ -85,7 +85,12 @@ def dlq_asset_key(exchange: ExchangeConfig) -> dg.AssetKey:
 
 
 class SilverPass:
-    """One pass over a window of Bronze: Silver batches out, DLQ batches spilled, everything counted."""
+    """One pass over a window of Bronze: Silver batches out, DLQ batches spilled, everything counted.
+
+    Both outputs come from this one pass (conservation needs them from the same Bronze snapshot): the
+    Silver stream is written first and spills the rejects to `spill_path`, which must outlive both
+    writes; the DLQ stream reads them back after, and refuses to before.
+    """
 
     def __init__(self, spill_path: Path):
         self.spill_path = spill_path
@@ -94,6 +99,7 @@ class SilverPass:
         self.categories: Counter[str] = Counter()
         self.event_hours: Counter[int] = Counter()
         self._writer: pq.ParquetWriter | None = None
+        self.finished = False
 
     def run(self, transformed: Iterator[tuple[pa.RecordBatch, pa.RecordBatch]]) -> Iterator[pa.RecordBatch]:
         for silver, dlq in transformed:
@@ -104,6 +110,7 @@ class SilverPass:
                 yield silver
         if self._writer is not None:
             self._writer.close()
+        self.finished = True
 
     def _spill(self, dlq: pa.RecordBatch) -> None:
         if dlq.num_rows == 0:
@@ -117,6 +124,9 @@ class SilverPass:
         self.categories.update(dlq.column("error_category").to_pylist())
 
     def dlq_batches(self) -> Iterator[pa.RecordBatch]:
+        """The pass's rejects, read back from the spill: complete only once the Silver side was consumed."""
+        if not self.finished:
+            raise RuntimeError("the DLQ rows are known only after the Silver stream was written")
         if self.dlq_rows:
             yield from pq.ParquetFile(self.spill_path).iter_batches(batch_size=50_000)
 
@@ -212,6 +222,8 @@ class SilverStream:
 
 
 class DlqStream:
+    """The DLQ output of the same pass: the rejects the Silver stream spilled while it was written."""
+
     def __init__(self, silver_pass: SilverPass):
         self.silver_pass = silver_pass
 
