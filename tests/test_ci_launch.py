@@ -14,9 +14,7 @@ by the other tests that need a running instance.
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -30,13 +28,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-import psutil
 import pyarrow.compute as pc
 import pytest
 
 from k2_assets.cli.instance import REPO_ROOT, WORKSPACE_FILE, prepare_dagster_home
 from k2_assets.partitions import hour_key
 from k2_resources.dev.devstack.kafka import free_ports
+from k2_resources.dev.processes import stop_process_group
 from k2_resources.exchanges import EXCHANGES
 from k2_resources.settings import read_env_file
 from tests.conftest import k2, k2_env
@@ -75,32 +73,9 @@ def wait_for(check: Callable[[], T | None], timeout: float, what: str, interval:
         time.sleep(interval)
 
 
-def group_processes(pgid: int) -> list[psutil.Process]:
-    """Every live process of the process group `pgid`: a service and all it spawned (code servers,
-    run workers, step processes), which Dagster starts without new sessions."""
-    found = []
-    for process in psutil.process_iter():
-        try:
-            if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
-                found.append(process)
-        except (ProcessLookupError, psutil.NoSuchProcess):
-            continue
-    return found
-
-
 def stop_group(process: subprocess.Popen, timeout: float = 20.0) -> None:
     """SIGTERM the process group `process` leads, then SIGKILL whatever is left after `timeout`."""
-    pgid = process.pid
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            break
-        deadline = time.monotonic() + wait
-        while group_processes(pgid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if not group_processes(pgid):
-            break
+    stop_process_group(process.pid, timeout)
     if process.poll() is None:
         process.wait(timeout=10)
 

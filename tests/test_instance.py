@@ -35,6 +35,7 @@ from k2_assets.cli.instance import (
     prepare_dagster_home,
 )
 from k2_resources.dev.devstack.kafka import free_ports
+from k2_resources.dev.processes import group_members
 from k2_resources.settings import POSTGRES_SETTINGS, read_env_file
 from tests.conftest import k2, k2_env
 from tests.test_ci_launch import (
@@ -43,7 +44,6 @@ from tests.test_ci_launch import (
     dagster_services,
     free_port,
     graphql,
-    group_processes,
     instance_environment,
     location_loaded,
     retry_decision,
@@ -392,13 +392,13 @@ def test_k2_dev_streams_into_bronze_and_stops_everything(tmp_path: Path) -> None
         simulators = [p for p in children if "produce" in p.cmdline()]
         dagster_dev = [p for p in children if p.cmdline()[1:4] == ["-m", "dagster", "dev"]]
         assert len(simulators) == 2 and len(dagster_dev) == 1, [p.cmdline() for p in children]
-        assert len(group_processes(dagster_dev[0].pid)) >= 4  # dagster dev, webserver, daemon, code server
+        assert len(group_members(dagster_dev[0].pid)) >= 4  # dagster dev, webserver, daemon, code server
         wait_for(lambda: bronze_rows(home), 300, "simulated trades in Bronze via the sensor's run", 5.0)
 
         dev.send_signal(signal.SIGTERM)
         assert dev.wait(timeout=180) == 0
-        assert not group_processes(dev.pid), group_processes(dev.pid)
-        assert not group_processes(dagster_dev[0].pid), group_processes(dagster_dev[0].pid)
+        assert not group_members(dev.pid), group_members(dev.pid)
+        assert not group_members(dagster_dev[0].pid), group_members(dagster_dev[0].pid)
         assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in simulators)
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("K2_HOME", str(home))

@@ -150,6 +150,7 @@ def run_dagster_dev(env: dict[str, str], host: str, port: int) -> int:
     it spawned (code servers, run workers) is waited for, so nothing outlives `k2 dev`.
     """
     from k2_assets.cli.instance import REPO_ROOT, WORKSPACE_FILE
+    from k2_resources.dev.processes import stop_process_group
 
     command = [sys.executable, "-m", "dagster", "dev", "-h", host, "-p", str(port), "-w", str(WORKSPACE_FILE)]
     print(f"k2 dev: starting Dagster on http://{host}:{port} (Ctrl-C stops it)")
@@ -171,7 +172,12 @@ def run_dagster_dev(env: dict[str, str], host: str, port: int) -> int:
             process.send_signal(signal.SIGINT)
             wait_or_kill(process, STOP_TIMEOUT_SECONDS)
         cancel_active_runs()
-        stop_process_group(process.pid, STOP_TIMEOUT_SECONDS)
+        left = stop_process_group(process.pid, STOP_TIMEOUT_SECONDS, wait_first=True)
+        if left:
+            print(
+                f"k2 dev: processes {[p.pid for p in left]} of Dagster's group would not stop",
+                file=sys.stderr,
+            )
 
 
 def default_sigint() -> None:
@@ -204,34 +210,6 @@ def wait_or_kill(process: subprocess.Popen, timeout: float) -> int:
             pass
     process.kill()
     return process.wait()
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live processes of process group `pgid` (Dagster starts its code servers and runs inside it)."""
-    import psutil
-
-    members = []
-    for process in psutil.process_iter(["status"]):
-        with contextlib.suppress(ProcessLookupError, psutil.NoSuchProcess):
-            if os.getpgid(process.pid) == pgid and process.info["status"] != psutil.STATUS_ZOMBIE:
-                members.append(process.pid)
-    return members
-
-
-def stop_process_group(pgid: int, timeout: float) -> None:
-    """Wait for the group to exit by itself (code servers leave once their runs end), then end it."""
-    for sig in (None, signal.SIGTERM, signal.SIGKILL):
-        if sig is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, sig)
-        deadline = time.monotonic() + timeout
-        while group_members(pgid):
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
-        else:
-            return
-    print(f"k2 dev: processes {group_members(pgid)} of Dagster's group would not stop", file=sys.stderr)
 
 
 def cancel_active_runs(timeout: float = STOP_TIMEOUT_SECONDS) -> None:
