@@ -227,7 +227,7 @@ def v2_iceberg_fields() -> tuple[NestedField, ...]:
 
 def v2_iceberg_field(name: str) -> NestedField:
     """One V2 column, for a table that copies a V2 value under its own field id."""
-    return next(f for f in v2_iceberg_fields() if f.name == name)
+    return {f.name: f for f in v2_iceberg_fields()}[name]
 
 
 def arrow_schema(v2_fields: Sequence[NestedField]) -> pa.Schema:
