@@ -265,7 +265,7 @@ def duckdb_alone(spec: dict) -> None:
     """Child side of the baseline: read the files, dedup, write zstd Parquet; print the query's seconds."""
     import duckdb
 
-    from k2_assets.gold.assets import FIRST_INGESTED, LINEAGE_COLUMNS, V2_COLUMNS
+    from k2_assets.gold.assets import FIRST_INGESTED, LINEAGE_COLUMNS
     from k2_assets.gold.dedup import (
         FIXED_BUILD_SIDE,
         DuckDBConfig,
@@ -273,6 +273,7 @@ def duckdb_alone(spec: dict) -> None:
         first_orders_sql,
         quoted,
     )
+    from k2_resources.trade_schema import V2_FIELD_NAMES
 
     engine = DuckDBConfig()
     started = time.perf_counter()
@@ -294,7 +295,7 @@ def duckdb_alone(spec: dict) -> None:
 
     keys = ("message_id", "timestamp", *LINEAGE_COLUMNS)
     con.execute(f"CREATE TEMP TABLE first_orders AS {first_orders_sql(silver(keys), FIRST_INGESTED)}")
-    query = first_copies_sql(silver(V2_COLUMNS + LINEAGE_COLUMNS), "first_orders", FIRST_INGESTED)
+    query = first_copies_sql(silver(V2_FIELD_NAMES + LINEAGE_COLUMNS), "first_orders", FIRST_INGESTED)
     con.execute(f"COPY ({query}) TO '{spec['out']}/gold.parquet' (FORMAT parquet, COMPRESSION zstd)")
     written = con.execute(f"SELECT count(*) FROM '{spec['out']}/gold.parquet'").fetchone()[0]
     print(json.dumps({"query_seconds": time.perf_counter() - started, "rows": written}))

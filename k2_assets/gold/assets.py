@@ -44,14 +44,14 @@ from k2_assets.partitions import (
     to_micros,
 )
 from k2_assets.silver.assets import IO_MANAGER_KEY, silver_asset_key
-from k2_assets.silver.tables import silver_table_spec, v2_fields
+from k2_assets.silver.tables import silver_table_spec
 from k2_resources.engine import EngineResource
 from k2_resources.exchanges import EXCHANGES
 from k2_resources.iceberg import IcebergCatalogResource
 from k2_resources.io_manager import RowScope, read_scope, stream_scan
+from k2_resources.trade_schema import V2_FIELD_NAMES
 
 GOLD_KEY = dg.AssetKey(GOLD_TABLE_SPEC.name)
-V2_COLUMNS = tuple(f.name for f in v2_fields())
 LINEAGE_COLUMNS = ("bronze_ingestion_timestamp", "topic", "partition", "offset")
 FIRST_INGESTED = DedupPlan(key=["message_id"], order=list(LINEAGE_COLUMNS), output_order=["timestamp"])
 # Gold output metadata: when the Silver snapshots this materialisation was computed from were pinned.
@@ -95,7 +95,9 @@ class SilverTrades:
                     selected_fields=columns,
                 )
 
-    def batches(self, columns: tuple[str, ...] = V2_COLUMNS + LINEAGE_COLUMNS) -> Iterator[pa.RecordBatch]:
+    def batches(
+        self, columns: tuple[str, ...] = V2_FIELD_NAMES + LINEAGE_COLUMNS
+    ) -> Iterator[pa.RecordBatch]:
         for scan in self._scans(columns):
             yield from stream_scan(scan)
 
@@ -106,7 +108,7 @@ class SilverTrades:
         self,
         con: duckdb.DuckDBPyConnection,
         name: str,
-        columns: tuple[str, ...] = V2_COLUMNS + LINEAGE_COLUMNS,
+        columns: tuple[str, ...] = V2_FIELD_NAMES + LINEAGE_COLUMNS,
     ) -> None:
         """The rows as DuckDB relation `name`, read by DuckDB from Silver's files (see `register_scans`)."""
         where = f'"timestamp" >= {to_micros(self.start)} AND "timestamp" < {to_micros(self.end)}'
@@ -137,10 +139,10 @@ def row_keys(rows: pa.Table | pa.RecordBatch) -> pa.Array:
 
 
 def to_gold(batch: pa.RecordBatch, now: datetime) -> pa.RecordBatch:
-    """Silver columns -> the 18 Gold columns."""
+    """Silver columns -> the Gold columns (GOLD_SCHEMA)."""
     hours = pc.divide(batch.column("timestamp"), MICROS_PER_HOUR)
     days = pc.divide(hours, 24)
-    columns = {name: batch.column(name) for name in V2_COLUMNS}
+    columns = {name: batch.column(name) for name in V2_FIELD_NAMES}
     columns["gold_ingestion_timestamp"] = pa.array([now] * batch.num_rows, pa.timestamp("us", tz="UTC"))
     columns["exchange_date"] = days.cast(pa.int32()).cast(pa.date32())
     columns["exchange_hour"] = pc.subtract(hours, pc.multiply(days, 24)).cast(pa.int32())

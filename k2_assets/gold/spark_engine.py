@@ -30,13 +30,7 @@ import dagster as dg
 from py4j.protocol import Py4JError
 from pyspark.errors import PySparkException
 
-from k2_assets.gold.assets import (
-    GOLD_KEY,
-    LINEAGE_COLUMNS,
-    SILVER_READ_AT,
-    V2_COLUMNS,
-    SilverTrades,
-)
+from k2_assets.gold.assets import GOLD_KEY, LINEAGE_COLUMNS, SILVER_READ_AT, SilverTrades
 from k2_assets.gold.checks import matches_silver_result, no_duplicates_result
 from k2_assets.gold.dedup import DuckDBConfig
 from k2_assets.gold.jobs import (
@@ -66,6 +60,7 @@ from k2_resources.engine import (
 from k2_resources.exchanges import EXCHANGES
 from k2_resources.iceberg import IcebergCatalogResource, TableSpec
 from k2_resources.io_manager import MAX_RECOMPUTES, RowScope, WriteReport, read_scope, write_metadata
+from k2_resources.trade_schema import V2_FIELD_NAMES
 
 HOUR = "k2_event_hour"  # event hours since the epoch: with message_id, it names one Gold row
 HOUR_KEY_PATTERN = "yyyy-MM-dd-HH:00"  # HOUR_KEY_FORMAT in Spark's datetime pattern language
@@ -133,7 +128,9 @@ def silver_union(spark: Any, catalog: str, silver: SilverTrades) -> Any:
         frame = read_snapshot(spark, catalog, spec, snapshot_id)
         if frame is None:
             frame = spark.table(spark_table(catalog, spec)).limit(0)
-        frames.append(in_event_window(frame, silver.start, silver.end).select(*V2_COLUMNS, *LINEAGE_COLUMNS))
+        frames.append(
+            in_event_window(frame, silver.start, silver.end).select(*V2_FIELD_NAMES, *LINEAGE_COLUMNS)
+        )
     return functools.reduce(lambda a, b: a.unionByName(b), frames)
 
 

@@ -33,12 +33,12 @@ from k2_assets.silver.avro_block import (
     value_offsets,
 )
 from k2_assets.silver.rules import MAX_UNITS, SILVER_PRECISION, SILVER_SCALE, UUID_PATTERN, RecordChecker
+from k2_resources.trade_schema import V2_FIELD_NAMES, V2_NULLABLE_FIELDS
 
 __all__ = ["BlockPlan", "FastRun", "block_plan", "decimal_array", "split_batch", "vendor_data_json"]
 
 HEADER_BYTES = 5
 SAFE_MICROS = 2**61  # differences of values below this cannot overflow int64
-NULLABLE_IN_V2 = ("source_sequence", "platform_sequence", "vendor_data")
 
 
 @dataclass(frozen=True)
@@ -258,7 +258,7 @@ def valid_run(
     """The records of `records` that pass every check, as Silver columns (the rest are left out)."""
     ok = np.ones(records.num_rows, dtype=bool)
     for name in plan.columns:
-        if name not in NULLABLE_IN_V2:
+        if name not in V2_NULLABLE_FIELDS:
             ok &= _present(records.column(name))
     ok &= _labels_ok(records, plan, checker)
     price, price_ok = silver_units(*unscaled_int64(_column(records, plan, "price")), writer.price_scale)
@@ -272,8 +272,8 @@ def valid_run(
     if kept < records.num_rows:
         records = records.filter(pa.array(ok))
     columns = {}
-    for f in list(silver_types)[: len(plan.columns) + len(plan.defaults)]:
-        columns[f.name] = _silver_column(records, plan, f, kept)
+    for name in V2_FIELD_NAMES:
+        columns[name] = _silver_column(records, plan, silver_types.field(name), kept)
     columns["price"], columns["quantity"] = decimal_array(price[ok]), decimal_array(quantity[ok])
     columns["schema_id"] = pa.repeat(pa.scalar(writer.schema_id, pa.int32()), int(ok.sum()))
     return FastRun(index[ok], columns)
@@ -322,7 +322,7 @@ def _silver_column(records: pa.RecordBatch, plan: BlockPlan, f: pa.Field, n: int
         default = plan.defaults[f.name]
         return pa.repeat(pa.scalar(default, type=f.type), n) if default is not None else pa.nulls(n, f.type)
     column = records.column(f.name)
-    if f.name == "vendor_data":
+    if pa.types.is_map(column.type):
         return _vendor_json(column, f.type)
     if pa.types.is_decimal(f.type):
         return pa.nulls(n, f.type)  # replaced by the exact units

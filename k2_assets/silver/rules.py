@@ -21,6 +21,7 @@ from enum import StrEnum
 from typing import Any
 
 from k2_resources.exchanges import ExchangeConfig
+from k2_resources.trade_schema import v2_decimal
 
 
 class DlqCategory(StrEnum):
@@ -67,8 +68,7 @@ NULL_CHECKED_FIELDS: frozenset[str] = frozenset(
     }
 )
 
-SILVER_PRECISION = 18
-SILVER_SCALE = 8
+SILVER_PRECISION, SILVER_SCALE = v2_decimal()  # price and quantity as the .avsc declares them: 18, 8
 MAX_INTEGER_DIGITS = SILVER_PRECISION - SILVER_SCALE
 MAX_UNITS = 10**SILVER_PRECISION  # exclusive bound on |value| * 10**SILVER_SCALE
 SIDES = frozenset({"BUY", "SELL"})

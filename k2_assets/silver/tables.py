@@ -7,15 +7,15 @@ to exactly one Silver partition, whether it lands in Silver or in the DLQ.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from pyiceberg.partitioning import PartitionField, PartitionSpec
 from pyiceberg.schema import Schema
 from pyiceberg.transforms import DayTransform, IdentityTransform
 from pyiceberg.types import (
     BinaryType,
     DateType,
-    DecimalType,
     IntegerType,
-    ListType,
     LongType,
     NestedField,
     StringType,
@@ -25,56 +25,34 @@ from pyiceberg.types import (
 from k2_resources.exchanges import ExchangeConfig
 from k2_resources.iceberg import TableSpec
 from k2_resources.io_manager import DICTIONARY_COLUMNS
+from k2_resources.trade_schema import Column, v2_iceberg_fields, v2_table_schema
 
-
-def v2_fields(first_id: int = 1) -> list[NestedField]:
-    """The 15 V2 trade fields as Iceberg columns (shared by Silver and Gold)."""
-    i = first_id
-    return [
-        NestedField(i, "message_id", StringType(), required=False),
-        NestedField(i + 1, "trade_id", StringType(), required=False),
-        NestedField(i + 2, "symbol", StringType(), required=False),
-        NestedField(i + 3, "exchange", StringType(), required=False),
-        NestedField(i + 4, "asset_class", StringType(), required=False),
-        NestedField(
-            i + 5, "timestamp", LongType(), required=False, doc="Trade time, microseconds since epoch UTC"
-        ),
-        NestedField(i + 6, "price", DecimalType(18, 8), required=False),
-        NestedField(i + 7, "quantity", DecimalType(18, 8), required=False),
-        NestedField(i + 8, "currency", StringType(), required=False),
-        NestedField(i + 9, "side", StringType(), required=False),
-        NestedField(
-            i + 10,
-            "trade_conditions",
-            ListType(i + 100, StringType(), element_required=False),
-            required=False,
-        ),
-        NestedField(i + 11, "source_sequence", LongType(), required=False),
-        NestedField(
-            i + 12, "ingestion_timestamp", LongType(), required=False, doc="Producer receive time, µs"
-        ),
-        NestedField(i + 13, "platform_sequence", LongType(), required=False),
-        NestedField(
-            i + 14, "vendor_data", StringType(), required=False, doc="Exchange extras as a JSON object"
-        ),
-    ]
-
-
-SILVER_SCHEMA = Schema(
-    *v2_fields(1),
-    NestedField(16, "exchange_date", DateType(), required=False, doc="UTC date of the trade timestamp"),
-    NestedField(17, "validation_timestamp", TimestamptzType(), required=False),
-    NestedField(18, "bronze_ingestion_timestamp", TimestamptzType(), required=False),
-    NestedField(
-        19, "schema_id", IntegerType(), required=False, doc="Writer schema id from the record header"
-    ),
-    NestedField(20, "topic", StringType(), required=False),
-    NestedField(21, "partition", IntegerType(), required=False),
-    NestedField(22, "offset", LongType(), required=False),
+# Silver's own columns, after the V2 fields (ids 16-22 while V2 has 15 fields: k2_resources.trade_schema).
+SILVER_COLUMNS = (
+    Column("exchange_date", DateType(), "UTC date of the trade timestamp"),
+    Column("validation_timestamp", TimestamptzType()),
+    Column("bronze_ingestion_timestamp", TimestamptzType()),
+    Column("schema_id", IntegerType(), "Writer schema id from the record header"),
+    Column("topic", StringType()),
+    Column("partition", IntegerType()),
+    Column("offset", LongType()),
 )
 
+
+def silver_schema(v2_fields: Sequence[NestedField]) -> Schema:
+    """A Silver row: the V2 record (vendor_data as JSON), then its exchange_date and lineage."""
+    return v2_table_schema(v2_fields, SILVER_COLUMNS)
+
+
+SILVER_SCHEMA = silver_schema(v2_iceberg_fields())
+
 SILVER_PARTITION_SPEC = PartitionSpec(
-    PartitionField(source_id=16, field_id=1000, transform=DayTransform(), name="exchange_date_day")
+    PartitionField(
+        source_id=SILVER_SCHEMA.find_field("exchange_date").field_id,
+        field_id=1000,
+        transform=DayTransform(),
+        name="exchange_date_day",
+    )
 )
 
 SILVER_RETENTION_DAYS = 30

@@ -35,6 +35,7 @@ from __future__ import annotations
 import gc
 import io
 import json
+import operator
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -70,7 +71,14 @@ from k2_assets.silver.rules import (
 )
 from k2_assets.silver.tables import DLQ_SCHEMA, SILVER_SCHEMA
 from k2_resources.exchanges import ExchangeConfig
-from k2_resources.trade_schema import trade_v2_schema
+from k2_resources.trade_schema import (
+    V2_FIELD_NAMES,
+    is_nullable,
+    non_null_branches,
+    trade_v2_schema,
+    v2_arrow_schema,
+    v2_fields_of_kind,
+)
 
 __all__ = [
     "DLQ_ARROW_SCHEMA",
@@ -84,9 +92,12 @@ __all__ = [
 
 SILVER_ARROW_SCHEMA: pa.Schema = SILVER_SCHEMA.as_arrow()
 DLQ_ARROW_SCHEMA: pa.Schema = DLQ_SCHEMA.as_arrow()
-V2_FIELDS: tuple[str, ...] = tuple(f["name"] for f in trade_v2_schema()["fields"])
-if tuple(SILVER_ARROW_SCHEMA.names[: len(V2_FIELDS)]) != V2_FIELDS:  # silver_values relies on it
-    raise ImportError("SILVER_SCHEMA must start with the V2 fields in V2 order")
+V2_ARROW_SCHEMA: pa.Schema = v2_arrow_schema()
+# A decoded record's V2 values in V2 order, and where silver_values converts them to Silver's types.
+V2_VALUES = operator.itemgetter(*V2_FIELD_NAMES)
+PRICE, QUANTITY = V2_FIELD_NAMES.index("price"), V2_FIELD_NAMES.index("quantity")
+LIST_POSITIONS = tuple(V2_FIELD_NAMES.index(name) for name in v2_fields_of_kind("array"))
+MAP_POSITIONS = tuple(V2_FIELD_NAMES.index(name) for name in v2_fields_of_kind("map"))
 
 HEADER_BYTES = 5  # Confluent wire format: magic byte 0, then the schema id as a big-endian int32
 MAGIC_BYTE = 0
@@ -208,16 +219,6 @@ def _full_name(schema: dict[str, Any]) -> str:
     return name if "." in name or not namespace else f"{namespace}.{name}"
 
 
-def _branches(avro_type: Any) -> list[Any]:
-    """The non-null alternatives of a field type (a union's branches, or the type itself)."""
-    types = avro_type if isinstance(avro_type, list) else [avro_type]
-    return [t for t in types if t != "null" and not (isinstance(t, dict) and t.get("type") == "null")]
-
-
-def _is_nullable(avro_type: Any) -> bool:
-    return isinstance(avro_type, list) and len(_branches(avro_type)) < len(avro_type)
-
-
 def resolution_problem(writer: Any, v2: dict[str, Any]) -> tuple[str | None, dict[str, int]]:
     """Why `writer` can never resolve to V2 (None if it can), and its decimal scales per field.
 
@@ -250,7 +251,7 @@ def _annotation_problem(
 ) -> str | None:
     """Check one logical-type field of the writer against V2; record its decimal scale in `scales`."""
     wanted = f"{v2_type['type']} with logicalType {v2_type['logicalType']}"
-    branches = _branches(writer_type)
+    branches = non_null_branches(writer_type)
     for branch in branches:
         if not isinstance(branch, dict) or branch.get("type") != v2_type["type"]:
             return f"field {name!r} is {branch!r}; V2 reads {wanted}"
@@ -283,7 +284,7 @@ def decode_reader(writer: dict[str, Any], v2: dict[str, Any]) -> dict[str, Any]:
     A null in such a field then reaches its validation check and gets that check's category; without
     the widening fastavro would refuse the record with a generic resolution error.
     """
-    nullable = {f["name"] for f in writer["fields"] if _is_nullable(f["type"])} & NULL_CHECKED_FIELDS
+    nullable = {f["name"] for f in writer["fields"] if is_nullable(f["type"])} & NULL_CHECKED_FIELDS
     reader = strip_logical_types(v2)
     reader["fields"] = [
         {"name": f["name"], "type": ["null", f["type"]]} if f["name"] in nullable else f
@@ -438,31 +439,25 @@ def silver_values(record: dict[str, Any], schema: WriterSchema, json_memo: dict[
     first sees it instead of rescanning a whole batch of rows on every collection. vendor_data maps
     repeat (Binance sends two distinct ones), so their JSON is memoised in `json_memo`.
     """
-    conditions, vendor_data = record["trade_conditions"], record["vendor_data"]
-    vendor_json = None
-    if vendor_data is not None:
-        key = tuple(vendor_data.items())
-        vendor_json = json_memo.get(key)
-        if vendor_json is None:
-            vendor_json = json_memo[key] = vendor_data_json(vendor_data)
-    return (
-        record["message_id"],
-        record["trade_id"],
-        record["symbol"],
-        record["exchange"],
-        record["asset_class"],
-        record["timestamp"],
-        to_silver_units(record["price"], schema.price_scale),
-        to_silver_units(record["quantity"], schema.quantity_scale),
-        record["currency"],
-        record["side"],
-        tuple(conditions) if conditions else (),
-        record["source_sequence"],
-        record["ingestion_timestamp"],
-        record["platform_sequence"],
-        vendor_json,
-        schema.schema_id,
-    )
+    values = list(V2_VALUES(record))
+    values[PRICE] = to_silver_units(values[PRICE], schema.price_scale)
+    values[QUANTITY] = to_silver_units(values[QUANTITY], schema.quantity_scale)
+    for i in LIST_POSITIONS:
+        values[i] = tuple(values[i]) if values[i] else ()
+    for i in MAP_POSITIONS:
+        values[i] = _map_json(values[i], json_memo)
+    values.append(schema.schema_id)
+    return tuple(values)
+
+
+def _map_json(value: dict[str, str] | None, json_memo: dict[Any, str]) -> str | None:
+    if value is None:
+        return None
+    key = tuple(value.items())
+    text = json_memo.get(key)
+    if text is None:
+        text = json_memo[key] = vendor_data_json(value)
+    return text
 
 
 def route(bronze: BronzeBatch, schemas: WriterSchemas, checker: RecordChecker) -> Routed:
@@ -516,13 +511,13 @@ def _dates(micros: pa.Array) -> pa.Array:
 
 def per_record_columns(routed: Routed) -> dict[str, pa.Array]:
     """The V2 columns and schema_id of the Silver rows the per-record path produced."""
-    schema, n = SILVER_ARROW_SCHEMA, len(routed.silver_rows)
-    columns = list(zip(*routed.silver_rows, strict=True)) if n else [()] * (len(V2_FIELDS) + 1)
+    n = len(routed.silver_rows)
+    columns = list(zip(*routed.silver_rows, strict=True)) if n else [()] * (len(V2_FIELD_NAMES) + 1)
     arrays = {
         f.name: decimal_array(values) if pa.types.is_decimal(f.type) else pa.array(values, type=f.type)
-        for f, values in zip(list(schema)[: len(V2_FIELDS)], columns, strict=False)
+        for f, values in zip(V2_ARROW_SCHEMA, columns, strict=False)
     }
-    arrays["schema_id"] = _column("schema_id", schema, columns[len(V2_FIELDS)])
+    arrays["schema_id"] = _column("schema_id", SILVER_ARROW_SCHEMA, columns[len(V2_FIELD_NAMES)])
     return arrays
 
 
@@ -537,7 +532,7 @@ def silver_batch(batch: pa.RecordBatch, runs: list[FastRun], routed: Routed, now
     else:
         index = np.concatenate([p.index for p in pieces])
         sort = pa.array(np.argsort(index, kind="stable"))
-        names = [*V2_FIELDS, "schema_id"]
+        names = [*V2_FIELD_NAMES, "schema_id"]
         arrays = {name: pa.concat_arrays([p.columns[name] for p in pieces]).take(sort) for name in names}
         order = index[sort.to_numpy()]
     n, index = len(order), pa.array(order, type=pa.int64())
