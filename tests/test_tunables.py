@@ -290,3 +290,25 @@ def test_no_tunable_default_is_written_down_twice(name: str, default: Any) -> No
     """A default restated beside its declaration drifts: e.g. IngestionSettings' 100_000 did."""
     sites = literal_sites(name, default)
     assert len(sites) <= 1, f"{name} = {default!r} is written at {sites}"
+
+
+def op_config_class(job: dg.JobDefinition, op_name: str) -> type[dg.Config]:
+    """The Config class an op of a job takes, from its compute function's `config` parameter."""
+    compute = job.graph.node_named(op_name).definition.compute_fn.decorated_fn
+    return inspect.signature(compute).parameters["config"].annotation
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "run_config").glob("*.yaml")), ids=lambda p: p.stem)
+def test_checked_in_run_configs_restate_no_default(path: Path) -> None:
+    """run_config/ says 'as its schedule runs it': a copied default would stop being true when it changes."""
+    import yaml
+
+    job = defs.resolve_job_def(path.stem)
+    restated = []
+    for op_name, op in yaml.safe_load(path.read_text())["ops"].items():
+        cls = op_config_class(job, op_name)
+        for name, value in (op.get("config") or {}).items():
+            info = cls.model_fields[name]
+            if not info.is_required() and value == info.get_default(call_default_factory=True):
+                restated.append(f"{op_name}.{name}")
+    assert restated == []
