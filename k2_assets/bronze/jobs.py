@@ -32,6 +32,9 @@ from k2_resources.kafka import KafkaResource, close_consumer
 INGESTION_TAG = "k2/ingestion"
 # Runs that maintain tables carry this tag; dagster.yaml limits how many run at once.
 MAINTENANCE_TAG = "k2/maintenance"
+# Half as long again as a run's default max_runtime_seconds: run monitoring ends a run that
+# hangs, and the sensor then starts the next one.
+INGESTION_MAX_RUNTIME_SECONDS = int(1.5 * BronzeIngestionConfig.default_of("max_runtime_seconds"))
 # A retention run that has not finished in this long is hung; the next day's run starts afresh.
 RETENTION_MAX_RUNTIME_SECONDS = 3 * 3600
 
@@ -84,9 +87,7 @@ def build_ingestion_job(exchange: ExchangeConfig) -> dg.JobDefinition:
     @dg.job(
         name=f"bronze_{exchange.name}_ingestion",
         description=f"Long-running ingestion of {exchange.topic} into {table_spec.identifier}, exactly once.",
-        # Longer than a run's default max_runtime_seconds (3600): run monitoring ends a run that hangs,
-        # and the sensor then starts the next one.
-        tags={INGESTION_TAG: exchange.name, "dagster/max_runtime": "5400"},
+        tags={INGESTION_TAG: exchange.name, "dagster/max_runtime": str(INGESTION_MAX_RUNTIME_SECONDS)},
     )
     def ingestion_job() -> None:
         ingest()
