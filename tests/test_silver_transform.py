@@ -567,7 +567,7 @@ def test_rules_are_configurable(registry: SchemaRegistryClient, v2_id: int) -> N
     [(silver_replay, _)] = transform(registry, bronze([value], kafka=older_than_a_year), rules=replay)
 
     assert (silver_default.num_rows, silver_replay.num_rows) == (0, 1)
-    with pytest.raises(ValueError, match="max_age must not be negative"):
+    with pytest.raises(ValueError, match="max_age_hours must not be negative"):
         ValidationRules(max_age=timedelta(days=-1))
 
 

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -37,6 +37,7 @@ from confluent_kafka import (
     Message,
     TopicPartition,
 )
+from pydantic import Field
 from pyiceberg.exceptions import CommitFailedException
 from pyiceberg.io.pyarrow import _dataframe_to_data_files
 from pyiceberg.table import Table, Transaction
@@ -45,7 +46,9 @@ from pyiceberg.table.snapshots import ancestors_of
 from pyiceberg.table.update.snapshot import ManageSnapshots
 
 from k2_assets.bronze.tables import OFFSETS_PROPERTY, OFFSETS_TAG, TOPIC_ID_PROPERTY
+from k2_assets.tunables import Tunables
 from k2_resources.crashpoints import crash_point
+from k2_resources.exchanges import ExchangeConfig
 from k2_resources.iceberg_maintenance import backoff
 
 log = logging.getLogger(__name__)
@@ -64,20 +67,70 @@ class KafkaGapError(RuntimeError):
     """Records this table never ingested are no longer in Kafka (retention, or a recreated topic)."""
 
 
+class BronzeIngestionConfig(Tunables):
+    """How long an ingestion run lives and how it batches. Defaults suit a sensor-kept live run.
+
+    The one declaration of Bronze ingestion's tunables: `IngestionSettings`, `k2 ingest`'s flags and
+    the benchmark derive theirs from these fields.
+    """
+
+    setting_prefix: ClassVar[str] = "ingestion config "
+
+    drain: bool = Field(
+        False, description="Stop at the high watermarks read at start (CI, tests, backfills)."
+    )
+    max_runtime_seconds: float = Field(
+        3600.0, gt=0, description="Stop after this long (seconds); the sensor starts the next run."
+    )
+    max_batch_records: int = Field(100_000, gt=0, description="Commit once this many records are read.")
+    # 0 used to mean "the exchange's default" without saying so: now unset means that, 0 is refused.
+    commit_interval_seconds: float | None = Field(
+        None, gt=0, description="Commit at least this often (seconds). Unset: the exchange's commit interval."
+    )
+    accept_gaps: bool = Field(False, description="Record a Kafka gap in metadata instead of failing.")
+    broker_timeout_seconds: float = Field(
+        60.0, gt=0, description="Fail after the broker is unreachable this long (seconds)."
+    )
+    poll_timeout_seconds: float = Field(
+        0.5, gt=0, description="How long one poll of an idle topic waits for records (seconds)."
+    )
+    max_fence_retries: int = Field(
+        10,
+        ge=0,
+        description="Commit retries after a concurrent commit that left the stored offsets unchanged.",
+    )
+    partition_refresh_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="How often a running ingestion looks for partitions added to its topic (seconds).",
+    )
+
+    def settings(self, exchange: ExchangeConfig) -> IngestionSettings:
+        """This run's settings: the fields as given, an unset commit interval the exchange's."""
+        values = self.model_dump()
+        if values["commit_interval_seconds"] is None:
+            values["commit_interval_seconds"] = exchange.commit_interval_seconds
+        return IngestionSettings(**values)
+
+
+def _default(name: str) -> Any:
+    return BronzeIngestionConfig.default_of(name)
+
+
 @dataclass(frozen=True)
 class IngestionSettings:
-    """How one ingestion run behaves; see `BronzeIngestionConfig` for the user-facing knobs."""
+    """One run's settings as `TopicIngestion` reads them: `BronzeIngestionConfig`'s fields with the
+    commit interval resolved. Its defaults are the config's (tests build it directly), never restated."""
 
     commit_interval_seconds: float
-    max_batch_records: int = 100_000
-    max_runtime_seconds: float = 3600.0
-    drain: bool = False
-    accept_gaps: bool = False
-    poll_timeout_seconds: float = 0.5
-    broker_timeout_seconds: float = 60.0
-    max_fence_retries: int = 10
-    # How often a running ingestion looks for partitions added to its topic.
-    partition_refresh_seconds: float = 30.0
+    max_batch_records: int = _default("max_batch_records")
+    max_runtime_seconds: float = _default("max_runtime_seconds")
+    drain: bool = _default("drain")
+    accept_gaps: bool = _default("accept_gaps")
+    poll_timeout_seconds: float = _default("poll_timeout_seconds")
+    broker_timeout_seconds: float = _default("broker_timeout_seconds")
+    max_fence_retries: int = _default("max_fence_retries")
+    partition_refresh_seconds: float = _default("partition_refresh_seconds")
 
 
 @dataclass
@@ -179,7 +232,7 @@ class BronzeCommitter:
         table: Table,
         expected_offsets: dict[int, int],
         run_id: str,
-        max_retries: int = 10,
+        max_retries: int = _default("max_fence_retries"),
         topic_id: str | None = None,
     ):
         self.table = table

@@ -3,6 +3,7 @@
 # No `from __future__ import annotations` here: Dagster reads op parameter annotations at definition time.
 
 from datetime import UTC, datetime
+from typing import ClassVar
 
 import dagster as dg
 from pydantic import Field
@@ -11,8 +12,9 @@ from pyiceberg.table import Table
 from pyiceberg.table.snapshots import ancestors_of
 
 from k2_assets.bronze.assets import bronze_asset_key
-from k2_assets.bronze.ingestion import CommitReport, IngestionSettings, TopicIngestion
+from k2_assets.bronze.ingestion import BronzeIngestionConfig, CommitReport, TopicIngestion
 from k2_assets.bronze.tables import bronze_table_spec
+from k2_assets.tunables import Tunables
 from k2_resources.exchanges import EXCHANGES, ExchangeConfig
 from k2_resources.iceberg import IcebergCatalogResource
 from k2_resources.iceberg_maintenance import (
@@ -20,6 +22,7 @@ from k2_resources.iceberg_maintenance import (
     DEFAULT_SNAPSHOT_MAX_AGE_HOURS,
     MIN_ORPHAN_AGE_MINUTES,
     MIN_SNAPSHOT_AGE_HOURS,
+    MaintenanceConfigError,
     MaintenancePolicy,
     reclaim_storage,
     retry_on_conflict,
@@ -29,45 +32,11 @@ from k2_resources.kafka import KafkaResource, close_consumer
 INGESTION_TAG = "k2/ingestion"
 # Runs that maintain tables carry this tag; dagster.yaml limits how many run at once.
 MAINTENANCE_TAG = "k2/maintenance"
+# Half as long again as a run's default max_runtime_seconds: run monitoring ends a run that
+# hangs, and the sensor then starts the next one.
+INGESTION_MAX_RUNTIME_SECONDS = int(1.5 * BronzeIngestionConfig.default_of("max_runtime_seconds"))
 # A retention run that has not finished in this long is hung; the next day's run starts afresh.
 RETENTION_MAX_RUNTIME_SECONDS = 3 * 3600
-
-
-class BronzeIngestionConfig(dg.Config):
-    """How long an ingestion run lives and how it batches. Defaults suit a sensor-kept live run."""
-
-    drain: bool = Field(
-        False, description="Stop at the high watermarks read at start (CI, tests, backfills)."
-    )
-    max_runtime_seconds: float = Field(
-        3600.0, description="Stop after this long; the sensor starts the next run."
-    )
-    max_batch_records: int = Field(100_000, description="Commit once this many records are read.")
-    commit_interval_seconds: float | None = Field(
-        None, description="Default: the exchange's commit interval."
-    )
-    accept_gaps: bool = Field(False, description="Record a Kafka gap in metadata instead of failing.")
-    broker_timeout_seconds: float = Field(60.0, description="Fail after the broker is unreachable this long.")
-
-    def settings(self, exchange: ExchangeConfig) -> IngestionSettings:
-        """The validated settings: a value that cannot mean what it says is refused, naming the setting."""
-        for name in ("max_batch_records", "max_runtime_seconds", "broker_timeout_seconds"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"ingestion config {name} must be positive, not {getattr(self, name)}")
-        interval = self.commit_interval_seconds
-        if interval is not None and interval <= 0:  # 0 used to mean "the default" without saying so
-            raise ValueError(
-                f"ingestion config commit_interval_seconds must be positive, not {interval}; leave it unset "
-                f"for {exchange.name}'s default of {exchange.commit_interval_seconds:g} s"
-            )
-        return IngestionSettings(
-            commit_interval_seconds=interval if interval is not None else exchange.commit_interval_seconds,
-            max_batch_records=self.max_batch_records,
-            max_runtime_seconds=self.max_runtime_seconds,
-            drain=self.drain,
-            accept_gaps=self.accept_gaps,
-            broker_timeout_seconds=self.broker_timeout_seconds,
-        )
 
 
 def build_ingestion_job(exchange: ExchangeConfig) -> dg.JobDefinition:
@@ -118,9 +87,7 @@ def build_ingestion_job(exchange: ExchangeConfig) -> dg.JobDefinition:
     @dg.job(
         name=f"bronze_{exchange.name}_ingestion",
         description=f"Long-running ingestion of {exchange.topic} into {table_spec.identifier}, exactly once.",
-        # Longer than a run's default max_runtime_seconds (3600): run monitoring ends a run that hangs,
-        # and the sensor then starts the next one.
-        tags={INGESTION_TAG: exchange.name, "dagster/max_runtime": "5400"},
+        tags={INGESTION_TAG: exchange.name, "dagster/max_runtime": str(INGESTION_MAX_RUNTIME_SECONDS)},
     )
     def ingestion_job() -> None:
         ingest()
@@ -128,18 +95,25 @@ def build_ingestion_job(exchange: ExchangeConfig) -> dg.JobDefinition:
     return ingestion_job
 
 
-class BronzeRetentionConfig(dg.Config):
+class BronzeRetentionConfig(Tunables):
     """Row retention defaults to the exchange's; snapshots expire after hours; the orphan grace has a floor."""
 
-    retention_days: int | None = Field(None, description="Default: the exchange's Bronze retention (days).")
+    bounds_error: ClassVar[type[ValueError]] = MaintenanceConfigError
+
+    retention_days: int | None = Field(
+        None, ge=1, description="Rows kept (whole days). Default: the exchange's Bronze retention."
+    )
     snapshot_max_age_hours: float = Field(
         DEFAULT_SNAPSHOT_MAX_AGE_HOURS,
-        description=f"Expire snapshots superseded this long ago (at least {MIN_SNAPSHOT_AGE_HOURS:g}); the "
-        "offsets tag's snapshot never expires.",
+        ge=MIN_SNAPSHOT_AGE_HOURS,
+        description="Expire snapshots superseded this long ago (hours): a run still reading a younger one "
+        "would lose its files. The offsets tag's snapshot never expires.",
     )
     orphan_min_age_minutes: float = Field(
         DEFAULT_ORPHAN_MIN_AGE_MINUTES,
-        description=f"Unreferenced files younger than this are kept (at least {MIN_ORPHAN_AGE_MINUTES:g}).",
+        ge=MIN_ORPHAN_AGE_MINUTES,
+        description="Unreferenced files younger than this (minutes) are kept: a write still in flight "
+        "could be younger, and deleting its files would corrupt the table when it commits.",
     )
 
     def policy(self, exchange: ExchangeConfig) -> MaintenancePolicy:

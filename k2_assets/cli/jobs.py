@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 if TYPE_CHECKING:
     import dagster as dg
+    from pydantic.fields import FieldInfo
 
 
 def dagster_instance() -> dg.DagsterInstance:
@@ -18,16 +19,39 @@ def dagster_instance() -> dg.DagsterInstance:
     return dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
 
 
+def ingestion_fields() -> dict[str, FieldInfo]:
+    """Bronze ingestion's tunables, each of which `k2 ingest` has a flag for."""
+    from k2_assets.bronze.ingestion import BronzeIngestionConfig
+
+    return dict(BronzeIngestionConfig.model_fields)
+
+
+def flag(name: str) -> str:
+    """The CLI flag of a config field: max_batch_records -> --max-batch-records."""
+    return "--" + name.replace("_", "-")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, fields: dict[str, FieldInfo]) -> None:
+    """One flag per config field, typed, with the field's description, bounds and default as help.
+
+    Flags default to None (a bool to False) so that an unset flag leaves the field out of the run
+    config and the Config's own default applies: the CLI never restates a default.
+    """
+    from k2_assets.tunables import describe_field
+
+    for name, info in fields.items():
+        if info.annotation is bool:
+            parser.add_argument(flag(name), action="store_true", help=describe_field(info))
+            continue
+        scalar = next(t for t in (int, float, str) if t in (info.annotation, *get_args(info.annotation)))
+        parser.add_argument(flag(name), type=scalar, help=describe_field(info))
+
+
 def ingestion_run_config(exchange: str, args: argparse.Namespace) -> dict:
-    config: dict = {"drain": args.drain, "accept_gaps": args.accept_gaps}
-    for key in (
-        "max_batch_records",
-        "max_runtime_seconds",
-        "commit_interval_seconds",
-        "broker_timeout_seconds",
-    ):
-        if getattr(args, key) is not None:
-            config[key] = getattr(args, key)
+    """The run config of the flags given: fields whose flag was not set are left to the Config."""
+    config = {
+        name: getattr(args, name) for name in ingestion_fields() if getattr(args, name) not in (None, False)
+    }
     return {"ops": {f"ingest_{exchange}_trades": {"config": config}}}
 
 
@@ -73,12 +97,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.set_defaults(func=cmd_run)
     ingest = subparsers.add_parser("ingest", help="run one exchange's Bronze ingestion job in this process")
     ingest.add_argument("--exchange", required=True)
-    ingest.add_argument("--drain", action="store_true", help="stop at the high watermarks read at start")
-    ingest.add_argument("--accept-gaps", action="store_true")
-    ingest.add_argument("--max-batch-records", type=int)
-    ingest.add_argument("--max-runtime-seconds", type=float)
-    ingest.add_argument("--commit-interval-seconds", type=float)
-    ingest.add_argument("--broker-timeout-seconds", type=float)
+    add_config_flags(ingest, ingestion_fields())
     ingest.set_defaults(func=cmd_ingest)
 
     job = subparsers.add_parser("job", help="run any K2 job in this process with run config files")

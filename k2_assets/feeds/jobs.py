@@ -11,6 +11,7 @@ import dagster as dg
 from pydantic import Field
 
 from k2_assets.bronze.assets import kafka_topic_key
+from k2_assets.tunables import Tunables
 from k2_resources.exchanges import EXCHANGES, ExchangeConfig
 from k2_resources.feeds.client import FeedClient, FeedSettings, feed_settings
 from k2_resources.feeds.sink import TopicSink, trade_message_id
@@ -24,21 +25,38 @@ DEFAULT_MAX_RUNTIME_SECONDS = 24 * 3600.0
 DEFAULTS = FeedSettings(url="", symbols=())
 
 
-class FeedConfig(dg.Config):
-    """Where to connect and how patiently; defaults come from the exchange's config and FeedSettings."""
+class FeedConfig(Tunables):
+    """Where to connect and how patiently; defaults come from the exchange's config and FeedSettings.
+
+    FeedSettings (k2_resources/feeds/client.py) declares these tunables' defaults and checks their
+    bounds (`validate`, naming the setting); this config only exposes them to Dagster.
+    """
 
     url: str | None = Field(None, description="WebSocket endpoint. Default: the exchange's feed_url.")
     symbols: list[str] | None = Field(
         None, description="Native symbols. Default: the exchange's feed_symbols."
     )
-    max_runtime_seconds: float = Field(DEFAULT_MAX_RUNTIME_SECONDS, description="Stop after this long.")
+    max_runtime_seconds: float = Field(
+        DEFAULT_MAX_RUNTIME_SECONDS, description="Stop after this long (seconds)."
+    )
     max_trades: int | None = Field(None, description="Stop after producing this many trades (smoke tests).")
-    read_timeout_seconds: float = Field(DEFAULTS.read_timeout_seconds, description="Silence = dead socket.")
-    backoff_initial_seconds: float = Field(DEFAULTS.backoff_initial_seconds)
-    backoff_max_seconds: float = Field(DEFAULTS.backoff_max_seconds)
+    read_timeout_seconds: float = Field(
+        DEFAULTS.read_timeout_seconds, description="Seconds without a frame that mean a dead socket."
+    )
+    backoff_initial_seconds: float = Field(
+        DEFAULTS.backoff_initial_seconds, description="First reconnect delay (seconds), doubled per failure."
+    )
+    backoff_max_seconds: float = Field(
+        DEFAULTS.backoff_max_seconds, description="Longest reconnect delay (seconds)."
+    )
     reconnect_limit: int = Field(DEFAULTS.reconnect_limit, description="Connections per reconnect window.")
-    reconnect_window_seconds: float = Field(DEFAULTS.reconnect_window_seconds)
-    report_interval_seconds: float = Field(DEFAULTS.report_interval_seconds)
+    reconnect_window_seconds: float = Field(
+        DEFAULTS.reconnect_window_seconds, description="The window reconnect_limit counts in (seconds)."
+    )
+    report_interval_seconds: float = Field(
+        DEFAULTS.report_interval_seconds,
+        description="How often stats are reported as observations (seconds).",
+    )
 
     def settings(self, exchange: ExchangeConfig) -> FeedSettings:
         tunables = {k: v for k, v in self.model_dump().items() if k not in ("url", "symbols")}

@@ -18,7 +18,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import dagster as dg
 import duckdb
 import pyarrow as pa
 from pydantic import Field
@@ -39,6 +38,7 @@ from pyiceberg.types import (
 )
 
 from k2_assets.partitions import MICROS_PER_HOUR
+from k2_assets.tunables import Tunables
 from k2_resources.io_manager import IcebergStream, stream_scan
 from k2_resources.settings import k2_home
 
@@ -49,13 +49,13 @@ BATCH_ROWS = 100_000
 FIXED_BUILD_SIDE = "build_side_probe_side"
 
 
-class DuckDBConfig(dg.Config):
+class DuckDBConfig(Tunables):
     """DuckDB's limits for Gold: the memory it may hold before spilling, and the threads it may use."""
 
     duckdb_memory_limit: str = Field(
         "256MB", description="DuckDB memory_limit: beyond it, dedup and sort spill to $K2_HOME/tmp."
     )
-    duckdb_threads: int = Field(2, description="DuckDB threads (the machine's cores are shared).")
+    duckdb_threads: int = Field(2, gt=0, description="DuckDB threads (the machine's cores are shared).")
 
 
 @contextmanager

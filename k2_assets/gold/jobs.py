@@ -80,7 +80,9 @@ audit_asset = dg.AssetSpec(
 
 
 class GoldDedupConfig(DuckDBConfig):
-    lookback_hours: int = Field(24, description="Event hours to search, ending with the running hour.")
+    """Which event hours the dedup job searches, and whether it changes anything."""
+
+    lookback_hours: int = Field(24, gt=0, description="Event hours to search, ending with the running hour.")
     dry_run: bool = Field(False, description="Report what would be removed; change no table.")
 
 

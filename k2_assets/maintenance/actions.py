@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 # Java exceptions that mean "a concurrent commit won": the procedure can simply run again.
 CONFLICTS = ("CommitFailedException", "ValidationException")
+# Closed days are compacted unless a run says not to: MaintenanceConfig.compact's default too.
+COMPACT_BY_DEFAULT = True
 # Snapshot ids per expire_snapshots call. Each call lists the files reachable from every snapshot that
 # remains, so k calls over N snapshots cost k * N: batches of 1,000 made a 20k-commit history quadratic
 # (bench/bench_maintenance.py). Spark parses a 20,000-id array in ~7 s on a loaded machine, so one
@@ -247,7 +249,7 @@ def maintain_table(
     target: MaintenanceTarget,
     policy: MaintenancePolicy,
     now: datetime,
-    compact: bool = True,
+    compact: bool = COMPACT_BY_DEFAULT,
 ) -> MaintenanceReport:
     """One maintenance pass (see the module docstring); `policy` must already be validated."""
     started = time.monotonic()

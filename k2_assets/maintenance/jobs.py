@@ -15,6 +15,7 @@ ends one that hangs before the next is due.
 # No `from __future__ import annotations`: Dagster reads asset parameter annotations at definition time.
 
 from datetime import UTC, datetime
+from typing import ClassVar
 
 import dagster as dg
 from pydantic import Field
@@ -23,8 +24,9 @@ from pyiceberg.table import Table
 from k2_assets.bronze.jobs import MAINTENANCE_TAG
 from k2_assets.bronze.tables import bronze_table_spec
 from k2_assets.gold.tables import DEDUP_AUDIT_TABLE_SPEC, GOLD_TABLE_SPEC
-from k2_assets.maintenance.actions import MaintenanceTarget, maintain_table
+from k2_assets.maintenance.actions import COMPACT_BY_DEFAULT, MaintenanceTarget, maintain_table
 from k2_assets.silver.tables import DLQ_TABLE_SPEC, silver_table_spec
+from k2_assets.tunables import Tunables
 from k2_resources.exchanges import EXCHANGES
 from k2_resources.iceberg import IcebergCatalogResource
 from k2_resources.iceberg_maintenance import (
@@ -59,30 +61,33 @@ TARGETS: tuple[MaintenanceTarget, ...] = (
 )
 
 
-class MaintenanceConfig(dg.Config):
+class MaintenanceConfig(Tunables):
     """One pass's settings; the defaults suit scheduled runs. Unsafe values are refused, by name."""
+
+    bounds_error: ClassVar[type[ValueError]] = MaintenanceConfigError
 
     snapshot_max_age_hours: float = Field(
         DEFAULT_SNAPSHOT_MAX_AGE_HOURS,
-        description=f"Expire snapshots superseded this long ago (at least {MIN_SNAPSHOT_AGE_HOURS:g}); "
-        "branch and tag heads (Bronze's offsets) never expire.",
+        ge=MIN_SNAPSHOT_AGE_HOURS,
+        description="Expire snapshots superseded this long ago (hours): a run still reading a younger one "
+        "would lose its files. Branch and tag heads (Bronze's offsets) never expire.",
     )
     orphan_min_age_minutes: float = Field(
         SPARK_MIN_ORPHAN_AGE_MINUTES,
-        description=f"Unreferenced files younger than this are kept (at least {SPARK_MIN_ORPHAN_AGE_MINUTES:g}).",
+        ge=SPARK_MIN_ORPHAN_AGE_MINUTES,
+        description="Unreferenced files younger than this (minutes) are kept; Iceberg's "
+        "remove_orphan_files refuses less.",
     )
     retention_days: int | None = Field(
-        None, description=f"Default: the table's {RETENTION_PROPERTY} property; none keeps rows forever."
+        None,
+        ge=1,
+        description=f"Rows kept (whole days). Default: the table's {RETENTION_PROPERTY} property; "
+        "none keeps rows forever.",
     )
-    compact: bool = Field(True, description="Compact closed days with rewrite_data_files.")
+    compact: bool = Field(COMPACT_BY_DEFAULT, description="Compact closed days with rewrite_data_files.")
 
     def policy(self, table: Table) -> MaintenancePolicy:
         """The validated policy for this table."""
-        if self.orphan_min_age_minutes < SPARK_MIN_ORPHAN_AGE_MINUTES:
-            raise MaintenanceConfigError(
-                f"orphan_min_age_minutes must be at least {SPARK_MIN_ORPHAN_AGE_MINUTES:g} (Iceberg's "
-                f"remove_orphan_files refuses less), not {self.orphan_min_age_minutes:g}"
-            )
         days = self.retention_days
         if days is None and RETENTION_PROPERTY in table.properties:
             days = int(table.properties[RETENTION_PROPERTY])

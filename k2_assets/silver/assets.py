@@ -23,7 +23,6 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pydantic import Field
 from pyiceberg.conversions import from_bytes
 from pyiceberg.expressions.visitors import _StrictMetricsEvaluator
 from pyiceberg.io.pyarrow import ArrowScan
@@ -33,8 +32,9 @@ from k2_assets.bronze.assets import bronze_asset_key
 from k2_assets.bronze.tables import bronze_table_spec
 from k2_assets.partitions import HOUR_KEY_FORMAT, MICROS_PER_HOUR, hourly_automation, hourly_partitions
 from k2_assets.silver.checks import conservation_result, dlq_rate_result, silver_check_specs
+from k2_assets.silver.rules import TimestampBounds
 from k2_assets.silver.tables import DLQ_TABLE_SPEC, silver_table_spec
-from k2_assets.silver.transform import ValidationRules, WriterSchemas, transform_batches
+from k2_assets.silver.transform import WriterSchemas, transform_batches
 from k2_resources.engine import EngineResource
 from k2_resources.exchanges import EXCHANGES, ExchangeConfig
 from k2_resources.iceberg import IcebergCatalogResource, TableSpec
@@ -42,7 +42,6 @@ from k2_resources.io_manager import IcebergStream, RowScope, read_scope, replace
 from k2_resources.kafka import SchemaRegistryResource
 
 IO_MANAGER_KEY = "iceberg_io_manager"
-DEFAULT_RULES = ValidationRules()
 # Silver output metadata the Gold late-data sensor reads: event hour -> trades of a full pass, the
 # same for the rows a DLQ replay added, and how many partitions the pass covered (a range run records
 # the range's totals on each of them).
@@ -52,28 +51,8 @@ PASS_PARTITIONS = "pass_partitions"
 Item = TypeVar("Item")
 
 
-class SilverConfig(dg.Config):
-    """Validation bounds for trade timestamps (defaults suit live feeds; widen them for old replays)."""
-
-    max_future_skew_seconds: float = Field(
-        DEFAULT_RULES.max_future_skew.total_seconds(),
-        description="How far a trade may be after its Bronze ingestion.",
-    )
-    max_age_hours: float = Field(
-        DEFAULT_RULES.max_age / timedelta(hours=1),
-        description="How far a trade may be before its Bronze ingestion (default: one year).",
-    )
-    max_kafka_skew_seconds: float = Field(
-        DEFAULT_RULES.max_kafka_skew.total_seconds(),
-        description="Allowed gap between trade time and Kafka timestamp.",
-    )
-
-    def rules(self) -> ValidationRules:
-        return ValidationRules(
-            max_future_skew=timedelta(seconds=self.max_future_skew_seconds),
-            max_age=timedelta(hours=self.max_age_hours),
-            max_kafka_skew=timedelta(seconds=self.max_kafka_skew_seconds),
-        )
+class SilverConfig(TimestampBounds):
+    """Silver's run config: the timestamp bounds of validation, declared in rules.py."""
 
 
 def silver_asset_key(exchange: ExchangeConfig) -> dg.AssetKey:

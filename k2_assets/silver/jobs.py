@@ -40,9 +40,11 @@ from k2_resources.kafka import SchemaRegistryResource
 
 
 class DlqReplayConfig(SilverConfig):
+    """Which DLQ rows to replay, validated with Silver's timestamp bounds."""
+
     categories: list[str] = Field(description="DLQ error categories to replay, e.g. ['VALIDATION_SIDE'].")
     exchanges: list[str] = Field(default_factory=list, description="Exchanges to replay; empty means all.")
-    since_hours: int = Field(24 * 30, description="Replay Silver partitions of the last N hours.")
+    since_hours: int = Field(24 * 30, gt=0, description="Replay Silver partitions of the last N hours.")
 
     def validated(self) -> tuple[list[ExchangeConfig], list[str]]:
         known = {c.value for c in DlqCategory}

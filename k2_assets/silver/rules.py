@@ -20,6 +20,9 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
+from pydantic import Field
+
+from k2_assets.tunables import Tunables
 from k2_resources.exchanges import ExchangeConfig
 from k2_resources.trade_schema import v2_decimal
 
@@ -84,20 +87,48 @@ Failure = tuple[DlqCategory, str]
 _UNCHECKED: Any = object()
 
 
-@dataclass(frozen=True)
-class ValidationRules:
-    """The time window a trade must fall in; everything else about a valid trade is fixed by V2."""
+class TimestampBounds(Tunables):
+    """The time window a valid trade falls in (defaults suit live feeds; widen them for old replays).
 
-    max_future_skew: timedelta = timedelta(minutes=5)
+    The one declaration of these bounds: `ValidationRules` (what the checks read, as timedeltas) and
+    Silver's run config derive from it.
+    """
+
+    max_future_skew_seconds: float = Field(
+        300.0, ge=0, description="How far a trade may be after its Bronze ingestion (seconds)."
+    )
     # The predecessor's rule: a trade is valid up to a year before its ingestion, so a producer replaying
     # last month's trades is not sent to the DLQ (a 7-day bound did that).
-    max_age: timedelta = timedelta(days=365)
-    max_kafka_skew: timedelta = timedelta(hours=1)
+    max_age_hours: float = Field(
+        365 * 24.0, ge=0, description="How far a trade may be before its Bronze ingestion (hours; one year)."
+    )
+    max_kafka_skew_seconds: float = Field(
+        3600.0, ge=0, description="Allowed gap between trade time and Kafka timestamp (seconds)."
+    )
+
+    def rules(self) -> ValidationRules:
+        return ValidationRules(
+            max_future_skew=timedelta(seconds=self.max_future_skew_seconds),
+            max_age=timedelta(hours=self.max_age_hours),
+            max_kafka_skew=timedelta(seconds=self.max_kafka_skew_seconds),
+        )
+
+
+@dataclass(frozen=True)
+class ValidationRules:
+    """`TimestampBounds` as the checks read them; its defaults and bounds are the config's."""
+
+    max_future_skew: timedelta = timedelta(seconds=TimestampBounds.default_of("max_future_skew_seconds"))
+    max_age: timedelta = timedelta(hours=TimestampBounds.default_of("max_age_hours"))
+    max_kafka_skew: timedelta = timedelta(seconds=TimestampBounds.default_of("max_kafka_skew_seconds"))
 
     def __post_init__(self) -> None:
-        for name in ("max_future_skew", "max_age", "max_kafka_skew"):
-            if getattr(self, name) < timedelta(0):
-                raise ValueError(f"ValidationRules.{name} must not be negative")
+        """Rules built directly (tests, benchmarks) are held to the config's bounds, by its field names."""
+        TimestampBounds(
+            max_future_skew_seconds=self.max_future_skew.total_seconds(),
+            max_age_hours=self.max_age / timedelta(hours=1),
+            max_kafka_skew_seconds=self.max_kafka_skew.total_seconds(),
+        )
 
 
 def format_decimal(unscaled: int, scale: int) -> str:
