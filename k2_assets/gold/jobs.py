@@ -8,8 +8,10 @@ hour that still holds an audited row, one atomic commit per hour. The audit is t
 dies between the stages leaves it behind, and the next run's stage 2 completes it, removing each row
 once. `dry_run` stops after stage 1 and writes nothing.
 
-Both stages run on DuckDB over Arrow streams PyIceberg reads: detection groups the window's keys and
-windows only the keys that repeat, out of core under DuckDB's memory limit.
+Stage 1 runs on DuckDB, out of core under its memory limit, over one read of the window's key columns
+(by field id, from the files PyIceberg plans): it groups 64-bit hashes of each rule's key, windows only
+the rows whose hash repeats, and takes the hours to rewrite from the same table. Stage 2 streams each
+hour through PyIceberg's reader and the IO manager's writer, two hours at a time.
 """
 
 # No `from __future__ import annotations`: Dagster reads op parameter annotations at definition time.
