@@ -12,7 +12,10 @@
    `--trades-per-hour` Gold rows each (default 1M). 1 % of the rows are duplicates: 4/5 trades replayed under a new
    message_id in the same hour (same exchange, symbol and trade_id), 1/5 copies of the previous hour's
    trades under the same message_id one hour later. The job runs in a child process: stage 1 audits
-   them, stage 2 rewrites every affected hour.
+   them, stage 2 rewrites every affected hour. With `--landed DIR` the day is landed once into DIR and
+   every later run of the same shape reuses it (restored from a hard-linked pristine copy before each
+   job run); with `--baseline-code CHECKOUT` (e.g. `git archive <commit> | tar -x -C CHECKOUT`) that
+   checkout's job runs on the same rows before and after this one's, each verified the same way.
 
 Rows are generated with vectorised Arrow/NumPy straight into the tables through the real catalog (no
 Avro), in the tables' declared schemas. Each figure is printed only after the result was verified:
@@ -20,14 +23,17 @@ Gold holds exactly the expected rows, the checks passed, the audit names exactly
 Peak RSS is the child's own kernel high-water mark (see bench/_common.py).
 
     .venv/bin/python bench/bench_gold.py [--trades 10000000] [--hours 24] [--trades-per-hour 1000000]
+    .venv/bin/python bench/bench_gold.py --only dedup --landed /tmp/gold-day --baseline-code /tmp/k2-main
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -474,40 +480,119 @@ def verify_dedup(injected: Injected, result: ChildResult) -> int:
     return rows
 
 
-def bench_dedup_job(home: Path, hours: int, per_hour: int, dup_rate: float) -> None:
+def land_or_load(landed: Path, hours: int, per_hour: int, dup_rate: float) -> tuple[list[datetime], Injected]:
+    """The event hours and planted duplicates of the Gold day in K2_HOME `landed`: landed now (and
+    recorded in `landed.json`) unless an earlier run left them there with the same shape."""
+    record = landed / "landed.json"
+    shape = {"hours": hours, "per_hour": per_hour, "dup_rate": dup_rate}
+    if record.exists() and (saved := json.loads(record.read_text()))["shape"] == shape:
+        injected = Injected(saved["rows"], saved["replay_ids"], saved["late_copy_ids"])
+        print(f"\n[2] reusing the Gold day landed in {landed} at {saved['landed_at']}")
+        return [datetime.fromisoformat(h) for h in saved["window"]], injected
     current = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
     window = [current - timedelta(hours=h) for h in range(hours - 1, -1, -1)]
     started = time.perf_counter()
     injected = land_gold_day(window, per_hour, dup_rate)
-    print(
-        f"\n[2] gold_dedup_job over {hours} event hours x {per_hour:,} Gold rows = {injected.rows:,} rows "
-        f"({injected.duplicates:,} duplicates: {len(injected.replay_ids):,} replays under a new message_id, "
-        f"{len(injected.late_copy_ids):,} same message_id an hour later); "
-        f"landed in {time.perf_counter() - started:.0f} s"
-    )
-    # One spare hour of lookback: the window ends with the running hour, which may turn while we work.
-    config = {"ops": {"find_gold_duplicates": {"config": {"lookback_hours": hours + 1}}}}
-    result = run_child(
-        dagster_child_args(job="gold_dedup_job", run_config=config), k2_child_env(home), CHILD_TIMEOUT_SECONDS
-    )
+    print(f"\n[2] landed in {time.perf_counter() - started:.0f} s")
+    saved = {
+        "shape": shape,
+        "landed_at": datetime.now(UTC).isoformat(),
+        "window": [h.isoformat() for h in window],
+        "rows": injected.rows,
+        "replay_ids": injected.replay_ids,
+        "late_copy_ids": injected.late_copy_ids,
+    }
+    record.write_text(json.dumps(saved))
+    return window, injected
+
+
+def restored(landed: Path) -> Path:
+    """`landed` as it was right after landing, for one job run.
+
+    The catalog stores absolute file paths, so every run works in `landed` itself; the untouched
+    state waits in `<landed>.pristine` (data files hard-linked: Iceberg never rewrites a file in
+    place, it writes new ones and unlinks old ones; the SQLite catalog copied) and is put back
+    before each run, so a run that died half-way leaves nothing behind for the next.
+    """
+    pristine = landed.with_name(landed.name + ".pristine")
+    if pristine.exists():
+        shutil.rmtree(landed)
+        shutil.copytree(pristine, landed, copy_function=link_or_copy)
+    else:
+        shutil.copytree(landed, pristine, copy_function=link_or_copy)
+    return landed
+
+
+def link_or_copy(source: str, target: str) -> None:
+    """Data files are hard-linked (never modified in place); the catalog and anything else copied."""
+    if source.endswith(".parquet"):
+        os.link(source, target)
+    else:
+        shutil.copy2(source, target)
+
+
+def run_dedup_job(home: Path, window: list[datetime], code: Path | None) -> ChildResult:
+    """gold_dedup_job in a child over K2_HOME `home`, with this checkout's code or the one at `code`."""
+    current = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    # The window ends with the running hour: reach back to the first landed hour, plus one spare
+    # hour in case the running hour turns while the job starts.
+    lookback = int((current - window[0]) / timedelta(hours=1)) + 2
+    config = {"ops": {"find_gold_duplicates": {"config": {"lookback_hours": lookback}}}}
+    args = dagster_child_args(job="gold_dedup_job", run_config=config)
+    env = k2_child_env(home)
+    if code is not None:  # that checkout's bench/_common.py and k2 packages, not this one's
+        args[1:3] = [str(code / "bench" / "_common.py")]
+        env["PYTHONPATH"] = str(code)
+    return run_child(args, env, CHILD_TIMEOUT_SECONDS)
+
+
+def report_dedup_run(label: str, injected: Injected, result: ChildResult) -> None:
     remaining = verify_dedup(injected, result)
     print(
-        f"    gold_dedup_job (audit + rewrite of every affected hour), verified: rows in {injected.rows:,}, "
-        f"rows out {remaining:,}, duplicates removed {injected.rows - remaining:,} "
+        f"    {label}: gold_dedup_job (audit + rewrite of every affected hour), verified: rows in "
+        f"{injected.rows:,}, rows out {remaining:,}, duplicates removed {injected.rows - remaining:,} "
         "(= planted, each audited once)\n"
-        f"    wall {result.wall_seconds:.1f} s, CPU {result.cpu_seconds:.0f} s, "
-        f"peak RSS {result.peak_rss_mb:,.0f} MB\n"
+        f"    wall {result.wall_seconds:.1f} s, CPU {result.cpu_seconds:.1f} s, "
+        f"peak RSS {result.peak_rss_mb:,.0f} MB, load {os.getloadavg()[0]:.2f}\n"
         f"    {steps(result)}"
     )
 
 
+def bench_dedup_job(
+    home: Path,
+    hours: int,
+    per_hour: int,
+    dup_rate: float,
+    baseline_code: Path | None = None,
+) -> None:
+    """The job over the Gold day in `home` (landed unless already there), between two runs of the job
+    at `baseline_code` on the same rows when given (same run, each on the same pristine copy)."""
+    window, injected = land_or_load(home, hours, per_hour, dup_rate)
+    print(
+        f"    gold_dedup_job over {hours} event hours x {per_hour:,} Gold rows = {injected.rows:,} rows "
+        f"({injected.duplicates:,} duplicates: {len(injected.replay_ids):,} replays under a new message_id, "
+        f"{len(injected.late_copy_ids):,} same message_id an hour later)"
+    )
+    # The baseline runs before and after, so neither side has the warmer page cache or the quieter minute.
+    baseline = [("baseline " + str(baseline_code), baseline_code)] if baseline_code else []
+    for label, code in [*baseline, ("this checkout", None), *baseline]:
+        result = run_dedup_job(restored(home), window, code)
+        report_dedup_run(label, injected, result)
+
+
 @contextmanager
-def fresh_home() -> Iterator[Path]:
-    """A K2_HOME (catalog + warehouse) of its own: the two measurements must not see each other's rows."""
-    with tempfile.TemporaryDirectory(prefix="k2-bench-gold-") as tmp:
-        os.environ["K2_HOME"] = tmp
+def fresh_home(kept: Path | None = None) -> Iterator[Path]:
+    """A K2_HOME (catalog + warehouse) of its own: the two measurements must not see each other's rows.
+    `kept` is one that stays after the run (created if missing), else a temporary one."""
+    with contextlib.ExitStack() as stack:
+        if kept is None:
+            home = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="k2-bench-gold-")))
+        else:
+            home = kept.resolve()
+            home.mkdir(parents=True, exist_ok=True)
+        os.environ["K2_HOME"] = str(home)
         try:
-            yield Path(tmp)
+            yield home
         finally:
             del os.environ["K2_HOME"]
 
@@ -521,6 +606,16 @@ def main() -> None:
     )
     parser.add_argument("--dup-rate", type=float, default=0.01, help="share of rows that are duplicates")
     parser.add_argument("--only", choices=("hour", "dedup"), help="run one of the two measurements")
+    parser.add_argument(
+        "--landed",
+        type=Path,
+        help="K2_HOME for the dedup job's Gold day: landed there once, reused by later runs of the same shape",
+    )
+    parser.add_argument(
+        "--baseline-code",
+        type=Path,
+        help="a checkout (e.g. `git archive` of main) whose gold_dedup_job runs first on the same rows",
+    )
     parser.add_argument("--duckdb-alone", help=argparse.SUPPRESS)  # the baseline's child side
     args = parser.parse_args()
     if args.duckdb_alone:
@@ -531,8 +626,8 @@ def main() -> None:
         with fresh_home() as home:
             bench_gold_hour(home, args.trades, args.dup_rate)
     if args.only in (None, "dedup"):
-        with fresh_home() as home:
-            bench_dedup_job(home, args.hours, args.trades_per_hour, args.dup_rate)
+        with fresh_home(args.landed) as home:
+            bench_dedup_job(home, args.hours, args.trades_per_hour, args.dup_rate, args.baseline_code)
 
 
 if __name__ == "__main__":
