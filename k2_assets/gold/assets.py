@@ -15,9 +15,9 @@ one commit: memory is bounded whatever the hour's size.
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 import dagster as dg
-import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 from pyiceberg.expressions import And, GreaterThanOrEqual, LessThan, LessThanOrEqual
@@ -49,6 +49,9 @@ from k2_resources.engine import EngineResource
 from k2_resources.exchanges import EXCHANGES
 from k2_resources.iceberg import IcebergCatalogResource
 from k2_resources.io_manager import RowScope, read_scope, stream_scan
+
+if TYPE_CHECKING:
+    import duckdb
 
 GOLD_KEY = dg.AssetKey(GOLD_TABLE_SPEC.name)
 V2_COLUMNS = tuple(f.name for f in v2_fields())
@@ -104,7 +107,7 @@ class SilverTrades:
 
     def register(
         self,
-        con: duckdb.DuckDBPyConnection,
+        con: "duckdb.DuckDBPyConnection",
         name: str,
         columns: tuple[str, ...] = V2_COLUMNS + LINEAGE_COLUMNS,
     ) -> None:
