@@ -179,7 +179,7 @@ def arrow_pages_returned() -> Iterator[None]:
     filter, Parquet encoding): 63-89 MB of Arrow memory at its peak per 100K records, for which Arrow's
     default pool (mimalloc) kept 142-190 MB resident. With jemalloc at a decay of 0 a 1M-record drain
     peaked at 505-532 MB instead of 569 (bench/README.md, Bronze memory). Only allocations made through
-    pyarrow's default pool move: Arrow's C++ default (Acero's filter inside PyIceberg) stays mimalloc,
+    pyarrow's default pool move: Arrow's C++ default (Acero's, hence `write_data_files`) stays mimalloc,
     fixed when pyarrow is loaded. The previous pool is restored afterwards; buffers keep their own pool.
     """
     if "jemalloc" not in pa.supported_memory_backends():
