@@ -110,21 +110,22 @@ class ThrottledProducer(threading.Thread):
                     return
                 self.producer.poll(0.002)
             self.waited_seconds += time.perf_counter() - waited
-        while True:
-            try:
-                self.producer.produce(
-                    self.topic,
-                    record.value,
-                    key=record.key,
-                    partition=partition,
-                    timestamp=record.timestamp_ms,
-                )
-                break
-            except BufferError:
-                self.producer.poll(0.01)
+        produce_record(self.producer, self.topic, partition, record)
         self.sent[partition] += 1
         if self.sent[partition] % 1000 == 0:
             self.producer.poll(0)
+
+
+def produce_record(producer: Producer, topic: str, partition: int, record: FramedTrade) -> None:
+    """Hand one record to the producer, waiting for room while its local queue is full."""
+    while True:
+        try:
+            producer.produce(
+                topic, record.value, key=record.key, partition=partition, timestamp=record.timestamp_ms
+            )
+            return
+        except BufferError:
+            producer.poll(0.01)
 
 
 def committed_offsets(consumer: Consumer, topic: str) -> list[int]:

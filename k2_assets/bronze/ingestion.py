@@ -18,9 +18,11 @@ watermark above the stored offset, an out-of-range fetch, or a topic whose id ch
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import logging
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,11 +41,28 @@ from confluent_kafka import (
 )
 from pydantic import Field
 from pyiceberg.exceptions import CommitFailedException
-from pyiceberg.io.pyarrow import _dataframe_to_data_files
-from pyiceberg.table import Table, Transaction
+from pyiceberg.io import FileIO
+from pyiceberg.io.pyarrow import (
+    _dataframe_to_data_files,
+    _get_field_from_arrow_table,
+    bin_pack_arrow_table,
+    pyarrow_to_schema,
+    write_file,
+)
+from pyiceberg.manifest import DataFile
+from pyiceberg.partitioning import PartitionFieldValue, PartitionKey
+from pyiceberg.table import (
+    DOWNCAST_NS_TIMESTAMP_TO_US_ON_WRITE,
+    Table,
+    TableProperties,
+    Transaction,
+    WriteTask,
+)
 from pyiceberg.table.metadata import TableMetadata
 from pyiceberg.table.snapshots import ancestors_of
 from pyiceberg.table.update.snapshot import ManageSnapshots
+from pyiceberg.utils.config import Config
+from pyiceberg.utils.properties import property_as_int
 
 from k2_assets.bronze.tables import OFFSETS_PROPERTY, OFFSETS_TAG, TOPIC_ID_PROPERTY
 from k2_assets.tunables import Tunables
@@ -205,6 +224,79 @@ def frozen_heap() -> Iterator[None]:
         gc.unfreeze()
 
 
+@contextmanager
+def arrow_pages_returned() -> Iterator[None]:
+    """Arrow allocates from jemalloc, freed pages going back to the OS at once, while the block runs.
+
+    Each commit turns a batch into a few short-lived copies (the combined table, PyIceberg's partition
+    filter, Parquet encoding): 63-89 MB of Arrow memory at its peak per 100K records, for which Arrow's
+    default pool (mimalloc) kept 142-190 MB resident. With jemalloc at a decay of 0 a 1M-record drain
+    peaked at 505-532 MB instead of 569 (bench/README.md, Bronze memory). Only allocations made through
+    pyarrow's default pool move: Arrow's C++ default (Acero's, hence `write_data_files`) stays mimalloc,
+    fixed when pyarrow is loaded. The previous pool is restored afterwards; buffers keep their own pool.
+    """
+    if "jemalloc" not in pa.supported_memory_backends():
+        yield
+        return
+    previous = pa.default_memory_pool()
+    pa.jemalloc_set_decay_ms(0)
+    pa.set_memory_pool(pa.jemalloc_memory_pool())
+    try:
+        yield
+    finally:
+        pa.set_memory_pool(previous)
+
+
+def single_partition_key(metadata: TableMetadata, rows: pa.Table) -> PartitionKey | None:
+    """The partition every row falls in, computed as PyIceberg does; None when the rows span several."""
+    spec, schema = metadata.spec(), metadata.schema()
+    values = []
+    for partition_field in spec.fields:
+        source = schema.find_field(partition_field.source_id)
+        column = _get_field_from_arrow_table(rows, schema.find_column_name(partition_field.source_id))
+        distinct = pc.unique(partition_field.transform.pyarrow_transform(source.field_type)(column))
+        if len(distinct) != 1:
+            return None
+        values.append(PartitionFieldValue(field=partition_field, value=distinct[0].as_py()))
+    return PartitionKey(field_values=values, partition_spec=spec, schema=schema)
+
+
+def write_data_files(metadata: TableMetadata, rows: pa.Table, io: FileIO) -> list[DataFile]:
+    """Bronze rows as data files, not yet committed: PyIceberg's write, minus its partition filter.
+
+    All rows of a commit share `ingestion_date` (one partition), but `_dataframe_to_data_files` filters
+    the table by partition value anyway (through Acero, into a full copy from Arrow's C++ default pool):
+    ~45 MB of the ingestion's peak (bench/README.md, Bronze memory). Here a batch that is one partition
+    is written as it is, with the same partition key, tasks and file sizes; any other goes the usual way.
+    """
+    key = single_partition_key(metadata, rows)
+    if key is None or metadata.spec().is_unpartitioned():
+        return list(_dataframe_to_data_files(metadata, rows, io))
+    task_schema = pyarrow_to_schema(
+        rows.schema,
+        name_mapping=metadata.schema().name_mapping,
+        downcast_ns_timestamp_to_us=Config().get_bool(DOWNCAST_NS_TIMESTAMP_TO_US_ON_WRITE) or False,
+        format_version=metadata.format_version,
+    )
+    target_file_size = property_as_int(
+        metadata.properties,
+        TableProperties.WRITE_TARGET_FILE_SIZE_BYTES,
+        TableProperties.WRITE_TARGET_FILE_SIZE_BYTES_DEFAULT,
+    )
+    write_uuid, task_ids = uuid.uuid4(), itertools.count(0)
+    tasks = (
+        WriteTask(
+            write_uuid=write_uuid,
+            task_id=next(task_ids),
+            record_batches=batches,
+            partition_key=key,
+            schema=task_schema,
+        )
+        for batches in bin_pack_arrow_table(rows, target_file_size)
+    )
+    return list(write_file(io=io, table_metadata=metadata, tasks=tasks))
+
+
 class _StagedMetadataTransaction(Transaction):
     """A PyIceberg transaction that builds its staged metadata once per staged change, not per read.
 
@@ -250,7 +342,7 @@ class BronzeCommitter:
             **({TOPIC_ID_PROPERTY: self.topic_id} if self.topic_id else {}),
         }
         crash_point("bronze.before_data_files")
-        files = list(_dataframe_to_data_files(self.table.metadata, rows, self.table.io))
+        files = write_data_files(self.table.metadata, rows, self.table.io)
         crash_point("bronze.after_data_files")
         for attempt in range(self.max_retries + 1):
             try:
@@ -331,8 +423,14 @@ class _Batch:
         columns = (ranges[name].to_pylist() for name in ("partition", "offset_first", "offset_last"))
         return {p: (first, last) for p, first, last in zip(*columns, strict=True)}
 
-    def to_arrow(self, schema: pa.Schema, topic: str, now: datetime) -> pa.Table:
+    def take_arrow(self, schema: pa.Schema, topic: str, now: datetime) -> pa.Table:
+        """The batch as one Bronze table; the batch gives up its chunks, so only that copy is held.
+
+        The data file write copies the table again (PyIceberg filters it by partition) and encodes it:
+        keeping the chunks beside those copies held one more batch (~17 MB per 100K records) at the peak.
+        """
         records = pa.Table.from_batches(self.chunks).combine_chunks()
+        self.chunks = []
         n = records.num_rows
         kafka_ts = (
             records["kafka_timestamp"].cast(pa.timestamp("ms", tz="UTC")).cast(pa.timestamp("us", tz="UTC"))
@@ -457,7 +555,7 @@ class TopicIngestion:
         self.summary.start_offsets = dict(positions)
         self.consumer.assign([TopicPartition(self.topic, p, o) for p, o in positions.items()])
         try:
-            with frozen_heap():
+            with frozen_heap(), arrow_pages_returned():
                 self._loop()
         finally:
             self.summary.end_offsets = dict(self.next_offsets)
@@ -593,21 +691,23 @@ class TopicIngestion:
     def _commit(self, batch: _Batch) -> None:
         started = time.monotonic()
         now = datetime.now(UTC)
-        rows = batch.to_arrow(self.committer.table.schema().as_arrow(), self.topic, now)
+        row_count, size, offsets = len(batch), batch.size, batch.offset_ranges()
+        rows = batch.take_arrow(self.committer.table.schema().as_arrow(), self.topic, now)
         advanced = {p: o for p, o in self.next_offsets.items() if o != self.committer.expected.get(p)}
         snapshot_id = self.committer.commit(rows, advanced)
+        del rows
         commit_seconds = time.monotonic() - started
         self._commit_consumer_group()
         crash_point("bronze.after_group_commit")
         report = CommitReport(
             snapshot_id=snapshot_id,
-            rows=len(batch),
-            bytes=batch.size,
-            offsets=batch.offset_ranges(),
+            rows=row_count,
+            bytes=size,
+            offsets=offsets,
             consumer_lag=self._lag(),
             commit_seconds=commit_seconds,
         )
-        self.summary.rows += len(batch)
+        self.summary.rows += row_count
         self.summary.commits += 1
         self.on_commit(report)
 

@@ -15,9 +15,9 @@ one commit: memory is bounded whatever the hour's size.
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 import dagster as dg
-import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 from pyiceberg.expressions import And, GreaterThanOrEqual, LessThan, LessThanOrEqual
@@ -50,6 +50,9 @@ from k2_resources.exchanges import EXCHANGES
 from k2_resources.iceberg import IcebergCatalogResource
 from k2_resources.io_manager import RowScope, read_scope, stream_scan
 from k2_resources.trade_schema import V2_FIELD_NAMES
+
+if TYPE_CHECKING:
+    import duckdb
 
 GOLD_KEY = dg.AssetKey(GOLD_TABLE_SPEC.name)
 LINEAGE_COLUMNS = ("bronze_ingestion_timestamp", "topic", "partition", "offset")
@@ -106,7 +109,7 @@ class SilverTrades:
 
     def register(
         self,
-        con: duckdb.DuckDBPyConnection,
+        con: "duckdb.DuckDBPyConnection",
         name: str,
         columns: tuple[str, ...] = V2_FIELD_NAMES + LINEAGE_COLUMNS,
     ) -> None:

@@ -17,8 +17,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import duckdb
 import pyarrow as pa
 from pydantic import Field
 from pyiceberg.table import DataScan
@@ -41,6 +41,9 @@ from k2_assets.partitions import MICROS_PER_HOUR
 from k2_assets.tunables import Tunables
 from k2_resources.io_manager import IcebergStream, stream_scan
 from k2_resources.settings import k2_home
+
+if TYPE_CHECKING:
+    import duckdb
 
 BATCH_ROWS = 100_000
 # Every join here writes its small side (duplicate keys, audited removals) on the right. DuckDB
@@ -66,6 +69,10 @@ def connect(config: DuckDBConfig) -> Iterator[duckdb.DuckDBPyConnection]:
     here that needs an order says ORDER BY. Joins build their hash table on the side written on the
     right (FIXED_BUILD_SIDE).
     """
+    # Imported here: DuckDB (~33 MB resident) is loaded only by a process that runs Gold, not by every
+    # process that loads the code location (Bronze ingestion, sensors, Silver).
+    import duckdb
+
     scratch_root = k2_home() / "tmp"
     scratch_root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="duckdb-", dir=scratch_root) as scratch:

@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from polars_avro._avro_rs import AvroSource
 
 __all__ = ["BlockSchema", "body_fits", "decode_bodies"]
 
@@ -356,6 +355,10 @@ def decode_block(
     count = len(rows)
     block = b"".join([schema.header, zigzag_varint(count), zigzag_varint(len(payload)), payload, SYNC_MARKER])
     source = io.BytesIO(block)
+    # Imported here: polars (~35 MB resident) is loaded only by a process that decodes Silver,
+    # not by every process that loads the code location (Bronze ingestion, sensors, Gold).
+    from polars_avro._avro_rs import AvroSource
+
     reader = AvroSource([lambda: contextlib.nullcontext(source)], False, False)
     batches = [pa.record_batch(b) for b in reader.batch_iter(count, columns)]
     decoded = pa.concat_batches(batches) if len(batches) != 1 else batches[0]
