@@ -191,20 +191,24 @@ def end_leftovers(watcher: Watcher) -> None:
 
 
 def gold_lag_seconds(catalog) -> float | None:
-    """Now minus the newest trade time in Gold (None while Gold holds nothing recent)."""
+    """Now minus the newest trade time in Gold (None while Gold holds nothing recent).
+
+    Gold's `timestamp` is V2's long of microseconds: the bound and the maximum are micros (an ISO string
+    bound raised on every sample once Gold existed, so the 2026-12-07 run recorded no Gold lag)."""
     import pyarrow.compute as pc
     from pyiceberg.expressions import GreaterThanOrEqual
 
     from k2_assets.gold.tables import GOLD_TABLE_SPEC
+    from k2_assets.partitions import to_micros
 
     identifier = GOLD_TABLE_SPEC.identifier
     if not catalog.table_exists(identifier):
         return None
-    since = (datetime.now(UTC) - timedelta(hours=3)).isoformat()
+    since = to_micros(datetime.now(UTC) - timedelta(hours=3))
     table = catalog.load_table(identifier)
     times = table.scan(row_filter=GreaterThanOrEqual("timestamp", since), selected_fields=("timestamp",))
     newest = pc.max(times.to_arrow()["timestamp"]).as_py()
-    return None if newest is None else time.time() - newest.timestamp()
+    return None if newest is None else time.time() - newest / 1e6
 
 
 def bronze_lag_records(kafka, consumer, catalog) -> dict[str, int]:
