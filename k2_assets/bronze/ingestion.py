@@ -269,8 +269,8 @@ def write_data_files(metadata: TableMetadata, rows: pa.Table, io: FileIO) -> lis
     ~45 MB of the ingestion's peak (bench/README.md, Bronze memory). Here a batch that is one partition
     is written as it is, with the same partition key, tasks and file sizes; any other goes the usual way.
     """
-    key = single_partition_key(metadata, rows)
-    if key is None or metadata.spec().is_unpartitioned():
+    key = None if metadata.spec().is_unpartitioned() else single_partition_key(metadata, rows)
+    if key is None:
         return list(_dataframe_to_data_files(metadata, rows, io))
     task_schema = pyarrow_to_schema(
         rows.schema,
@@ -426,8 +426,8 @@ class _Batch:
     def take_arrow(self, schema: pa.Schema, topic: str, now: datetime) -> pa.Table:
         """The batch as one Bronze table; the batch gives up its chunks, so only that copy is held.
 
-        The data file write copies the table again (PyIceberg filters it by partition) and encodes it:
-        keeping the chunks beside those copies held one more batch (~17 MB per 100K records) at the peak.
+        Keeping the chunks beside the table while the data file write encodes it held one more batch
+        (~17 MB per 100K records) at the peak.
         """
         records = pa.Table.from_batches(self.chunks).combine_chunks()
         self.chunks = []

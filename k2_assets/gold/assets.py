@@ -129,8 +129,13 @@ def audited_removals(iceberg: IcebergCatalogResource, start: datetime, end: date
     rows = audit.scan(
         row_filter=event_time_filter(start, end), selected_fields=("message_id", "timestamp")
     ).to_arrow()
+    return removal_keys(rows)
+
+
+def removal_keys(audit_rows: pa.Table) -> pa.Table:
+    """(message_id, event hour index) of audit rows, once each."""
     keys = pa.table(
-        [rows["message_id"], pc.divide(rows["timestamp"], MICROS_PER_HOUR)], schema=REMOVED_SCHEMA
+        [audit_rows["message_id"], pc.divide(audit_rows["timestamp"], MICROS_PER_HOUR)], schema=REMOVED_SCHEMA
     )
     return keys.group_by(["message_id", "event_hour"]).aggregate([])
 
