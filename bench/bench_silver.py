@@ -46,11 +46,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=1_000_000)
     parser.add_argument("--profile", help="write a cProfile of the materialisation to this file")
-    parser.add_argument(
-        "--transform-workers",
-        type=int,
-        help="Bronze batches the Silver step transforms at once (default: the code's TRANSFORM_WORKERS)",
-    )
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     with tempfile.TemporaryDirectory(prefix="k2-bench-silver-") as tmp:
@@ -60,10 +55,6 @@ def main() -> None:
         info = start_devstack(Path(tmp))
         os.environ.update(info.env())
         try:
-            if args.transform_workers is not None:
-                import k2_assets.silver.assets as silver_assets
-
-                silver_assets.TRANSFORM_WORKERS = args.transform_workers
             run(args.records, info.schema_ids, args.profile)
         finally:
             stop_devstack(Path(tmp))
