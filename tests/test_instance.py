@@ -128,6 +128,9 @@ def assert_instance_settings(instance: dg.DagsterInstance) -> None:
     assert instance.run_retries_enabled and instance.run_retries_max_retries == 2
     assert instance.run_retries_retry_on_asset_or_op_failure is False
     assert instance.telemetry_enabled is False
+    # Live cost (bench/README.md): no freshness daemon (K2 has no FreshnessPolicy), monitoring once a minute.
+    assert not instance.freshness_enabled and "FRESHNESS_DAEMON" not in instance.get_required_daemon_types()
+    assert instance.run_monitoring_poll_interval_seconds == 60
 
 
 def test_postgres_home_needs_its_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
