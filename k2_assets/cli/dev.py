@@ -85,22 +85,39 @@ def cmd_dev(args: argparse.Namespace) -> int:
 def dev_environment(home: Path) -> dict[str, str]:
     """The dev stack up and the instance prepared: the environment every child process gets."""
     from k2_assets.cli.instance import prepare_dagster_home
-    from k2_resources.dev.devstack import start_devstack
     from k2_resources.settings import AUTOMATION, HOME, KAFKA_BOOTSTRAP_SERVERS, SCHEMA_REGISTRY_URL
 
-    info = start_devstack(home)
-    print(f"k2 dev: dev stack up: Kafka {info.bootstrap_servers}, Schema Registry {info.registry_url}")
+    stack = start_devstack_in_child(home)
+    print(
+        f"k2 dev: dev stack up: Kafka {stack[KAFKA_BOOTSTRAP_SERVERS]}, Schema Registry {stack[SCHEMA_REGISTRY_URL]}"
+    )
     dagster_home = prepare_dagster_home(home)
     print(f"k2 dev: DAGSTER_HOME={dagster_home} (instance storage under K2_HOME={home})")
     # The stack just started may listen elsewhere than a stale devstack.env loaded at start-up said.
     return {
         **os.environ,
-        KAFKA_BOOTSTRAP_SERVERS: info.bootstrap_servers,
-        SCHEMA_REGISTRY_URL: info.registry_url,
+        KAFKA_BOOTSTRAP_SERVERS: stack[KAFKA_BOOTSTRAP_SERVERS],
+        SCHEMA_REGISTRY_URL: stack[SCHEMA_REGISTRY_URL],
         HOME.name: str(home),
         "DAGSTER_HOME": str(dagster_home),
         AUTOMATION.name: "on",
     }
+
+
+def start_devstack_in_child(home: Path) -> dict[str, str]:
+    """`k2 devstack up` as a child process; the addresses it wrote to devstack.env.
+
+    In this process, starting the stack (topics, V2's registration) imports pyarrow, pandas and PyIceberg:
+    ~110 MB that `k2 dev` would hold for as long as it runs (bench/README.md, "Live cost").
+    """
+    from k2_resources.dev.devstack import DevstackError
+    from k2_resources.settings import HOME, read_env_file
+
+    command = [sys.executable, "-m", "k2_assets.cli", "devstack", "up"]
+    done = subprocess.run(command, env={**os.environ, HOME.name: str(home)}, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise DevstackError((done.stderr or done.stdout).strip())
+    return read_env_file(home / "devstack.env")
 
 
 def require_free_port(host: str, port: int) -> None:
