@@ -39,14 +39,15 @@ def location_sensors() -> list[dg.SensorDefinition]:
     freshness = build_freshness_sensor(
         [*bronze.freshness_rules, *silver.freshness_rules, *gold.freshness_rules],
         name="freshness_checks_sensor",
-        minimum_interval_seconds=60,
+        # Its deadlines are an hour plus minutes (K2_FRESHNESS_DELAY_MINUTES): 2 min late is soon enough.
+        minimum_interval_seconds=120,
         default_status=automation_status(),
     )
     automation = dg.AutomationConditionSensorDefinition(
         "k2_automation_sensor",
         target=dg.AssetSelection.all(),
         default_status=automation_status(),
-        # Its conditions act on 5-minute and hourly cron ticks: once a minute sees every tick, at half
+        # Its conditions act on 4-minute and hourly cron ticks: once a minute sees every tick, at half
         # the daemon's evaluation cost of every 30 s (bench/README.md, "Live cost").
         minimum_interval_seconds=60,
         description="Refreshes Silver and Gold of the running hour and completes each hour after it closes.",

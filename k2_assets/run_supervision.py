@@ -23,7 +23,9 @@ from __future__ import annotations
 import dagster as dg
 import psutil
 
-ORPHAN_CHECK_SECONDS = 60
+# A worker dies rarely (a code server restart): failing its run within ~2 min frees its slot soon enough,
+# at half the evaluations of every minute.
+ORPHAN_CHECK_SECONDS = 120
 # A worker process is created just before it records RUN_START; allow for clock granularity.
 CREATE_TIME_SLACK_SECONDS = 5.0
 

@@ -1,4 +1,4 @@
-"""Automation without anyone clicking: the running hour refreshes every 5 minutes, and each hour is
+"""Automation without anyone clicking: the running hour refreshes every 4 minutes, and each hour is
 completed once after it closes (Silver from :05, Gold from :10), also when runs are in progress at the
 tick. Evaluated by Dagster's own evaluator against a real instance, tick by tick, at chosen times."""
 
@@ -28,16 +28,21 @@ def requested(result, key: dg.AssetKey) -> set[str]:
 
 def test_running_hour_refreshes_and_closed_hour_completes() -> None:
     with dg.DagsterInstance.ephemeral() as instance:
-        result = tick(instance, datetime(2026, 11, 23, 10, 12, tzinfo=UTC))
-        result = tick(instance, datetime(2026, 11, 23, 10, 16, tzinfo=UTC), result.cursor)
+        result = tick(instance, datetime(2026, 11, 23, 10, 13, tzinfo=UTC))
+        result = tick(instance, datetime(2026, 11, 23, 10, 17, tzinfo=UTC), result.cursor)
         assert requested(result, SILVER) == {"2026-11-23-10:00"}
         assert requested(result, GOLD) == {"2026-11-23-10:00"}
 
-        result = tick(instance, datetime(2026, 11, 23, 10, 17, tzinfo=UTC), result.cursor)
-        assert requested(result, SILVER) == set()  # nothing until the next 5-minute tick
+        result = tick(instance, datetime(2026, 11, 23, 10, 18, tzinfo=UTC), result.cursor)
+        assert requested(result, SILVER) == set()  # nothing until the next refresh tick (:20)
 
         result = tick(instance, datetime(2026, 11, 23, 10, 21, tzinfo=UTC), result.cursor)
         assert requested(result, SILVER) == {"2026-11-23-10:00"}
+
+        # Every 4 minutes (Gold then stays under 5 min behind): the :28 tick, which */5 does not have.
+        result = tick(instance, datetime(2026, 11, 23, 10, 26, tzinfo=UTC), result.cursor)
+        result = tick(instance, datetime(2026, 11, 23, 10, 29, tzinfo=UTC), result.cursor)
+        assert requested(result, GOLD) == {"2026-11-23-10:00"}
 
         # The hour has closed: at :05 Silver completes it once, besides refreshing the new hour.
         result = tick(instance, datetime(2026, 11, 23, 11, 6, tzinfo=UTC), result.cursor)
@@ -120,7 +125,7 @@ def test_gold_completion_waits_for_an_unfinished_silver_run_and_is_not_lost() ->
         assert requested(result, GOLD) == set()
 
         finish(instance, run)
-        result = tick(instance, at(11, 12), result.cursor)
+        result = tick(instance, at(11, 11, 30), result.cursor)  # between refresh ticks (:08, :12)
         assert requested(result, GOLD) == {"2026-11-23-10:00"}  # completed as soon as Silver is quiet
         seen = []
         for minute in (13, 15, 20, 40):

@@ -128,6 +128,9 @@ def assert_instance_settings(instance: dg.DagsterInstance) -> None:
     assert instance.run_retries_enabled and instance.run_retries_max_retries == 2
     assert instance.run_retries_retry_on_asset_or_op_failure is False
     assert instance.telemetry_enabled is False
+    # Live cost (bench/README.md): no freshness daemon (K2 has no FreshnessPolicy), monitoring once a minute.
+    assert not instance.freshness_enabled and "FRESHNESS_DAEMON" not in instance.get_required_daemon_types()
+    assert instance.run_monitoring_poll_interval_seconds == 60
 
 
 def test_postgres_home_needs_its_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -361,6 +364,10 @@ def bronze_rows(home: Path) -> int:
     return table.scan().count()
 
 
+# `k2 dev`'s Dagster children, as `python -m <module>`: the code server, the webserver, the daemon.
+DAGSTER_MODULES = [["-m", "dagster"], ["-m", "dagster_webserver"], ["-m", "dagster._daemon"]]
+
+
 def still_running(process: subprocess.Popen, what: str) -> bool:
     """True while `process` runs; an exit fails the wait at once instead of at its timeout."""
     if process.poll() is not None:
@@ -390,15 +397,21 @@ def test_k2_dev_streams_into_bronze_and_stops_everything(tmp_path: Path) -> None
         assert states["k2_automation_sensor"] == "RUNNING", states
         children = psutil.Process(dev.pid).children()
         simulators = [p for p in children if "produce" in p.cmdline()]
-        dagster_dev = [p for p in children if p.cmdline()[1:4] == ["-m", "dagster", "dev"]]
-        assert len(simulators) == 2 and len(dagster_dev) == 1, [p.cmdline() for p in children]
-        assert len(group_members(dagster_dev[0].pid)) >= 4  # dagster dev, webserver, daemon, code server
+        dagster = [p for p in children if p.cmdline()[1:3] in DAGSTER_MODULES]
+        assert len(simulators) == 2, [p.cmdline() for p in children]
+        # One code server, served directly (no `dagster dev`, no `code-server start` proxy).
+        assert sorted(p.cmdline()[2] for p in dagster) == sorted(m for _, m in DAGSTER_MODULES), [
+            p.cmdline() for p in children
+        ]
+        code_server = next(p for p in dagster if p.cmdline()[2] == "dagster")
+        assert code_server.cmdline()[3:5] == ["api", "grpc"], code_server.cmdline()
         wait_for(lambda: bronze_rows(home), 300, "simulated trades in Bronze via the sensor's run", 5.0)
 
         dev.send_signal(signal.SIGTERM)
         assert dev.wait(timeout=180) == 0
         assert not group_members(dev.pid), group_members(dev.pid)
-        assert not group_members(dagster_dev[0].pid), group_members(dagster_dev[0].pid)
+        for process in dagster:
+            assert not group_members(process.pid), (process.cmdline(), group_members(process.pid))
         assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in simulators)
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("K2_HOME", str(home))

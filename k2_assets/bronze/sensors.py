@@ -6,7 +6,7 @@ Bronze's commit fencing the third: even two runs that do start cannot both commi
 
 After a failed run the next one waits BACKOFF_BASE_SECONDS, doubling with each failure in a row up to
 BACKOFF_CAP_SECONDS: a broker outage is retried until the broker is back (ingestion recovers by
-itself), without a run every 30 s meanwhile. A failure that only a person can resolve (another writer
+itself), without a run every minute meanwhile. A failure that only a person can resolve (another writer
 owns the stream: FencedError; records Bronze never had are gone from Kafka: KafkaGapError; read from
 the failed run's own failure event) stops the relaunching: the sensor says why in its skip reason and
 fails the Bronze asset's `ingestion_not_halted` check, until someone acts. Launching the job by hand
@@ -42,6 +42,10 @@ FINISHED_STATUSES = [dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, d
 # Errors of k2_assets/bronze/ingestion.py that retrying cannot fix, by class name.
 NEEDS_A_PERSON = frozenset({"FencedError", "KafkaGapError"})
 BACKOFF_BASE_SECONDS = 30.0
+# Each tick is a gRPC evaluation (daemon + code server CPU) and a run lives up to an hour, so nearly every
+# tick only finds the run alive. Worst case, a run that ended is replaced ~60 s later (+ the queue's
+# dequeue interval and the run's start): ~60 s more of Bronze lag, caught up by the next run.
+INGESTION_SENSOR_SECONDS = 60
 BACKOFF_CAP_SECONDS = 15 * 60.0
 RUNS_LOOKED_AT = 12  # enough failures in a row to reach the cap
 HALTED_CHECK = "ingestion_not_halted"
@@ -168,7 +172,7 @@ def build_ingestion_sensor(exchange: ExchangeConfig) -> dg.SensorDefinition:
         # By name (the job is in the Definitions): a sensor holding the job object is copied when
         # Dagster binds resources to it, and that copy warns (BetaWarning on `owners`, Dagster 1.13.27).
         job_name=job.name,
-        minimum_interval_seconds=30,
+        minimum_interval_seconds=INGESTION_SENSOR_SECONDS,
         default_status=automation_status(),
         description=f"Keeps one {job.name} run alive: backs off after failures, halts on one that needs a person.",
     )

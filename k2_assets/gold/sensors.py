@@ -30,7 +30,7 @@ from collections.abc import Mapping
 import dagster as dg
 
 from k2_assets.gold.assets import GOLD_KEY, SILVER_READ_AT
-from k2_assets.partitions import hour_window, hourly_partitions
+from k2_assets.partitions import REFRESHES_PER_HOUR, hour_window, hourly_partitions
 from k2_assets.resources import automation_status
 from k2_assets.silver.assets import EVENT_HOURS, EVENT_HOURS_ADDED, PASS_PARTITIONS, silver_asset_key
 from k2_assets.silver.checks import BLOCKING_CHECKS
@@ -38,8 +38,8 @@ from k2_resources.exchanges import EXCHANGES
 
 MAX_REQUESTS_PER_TICK = 100
 RECORDS_PER_TICK = 500
-# How many earlier passes of a Silver partition are compared (an hour of 5-minute refreshes).
-PASSES_LOOKED_BACK = 12
+# How many earlier passes of a Silver partition are compared: an hour of the running hour's refreshes.
+PASSES_LOOKED_BACK = REFRESHES_PER_HOUR
 # A Gold run of one hour reads at most one hour of Silver: anything longer is hung (run monitoring).
 GOLD_RUN_TAGS = {"dagster/max_runtime": "3600"}
 IN_PROGRESS = [
@@ -214,7 +214,8 @@ def due_requests(instance: dg.DagsterInstance, pending: dict[str, float]) -> lis
 @dg.sensor(
     name="gold_late_data_sensor",
     target=[GOLD_KEY],
-    minimum_interval_seconds=60,
+    # Late trades of a closed hour reach Gold a minute or two later either way; half the evaluations.
+    minimum_interval_seconds=120,
     default_status=automation_status(),
     description="Requests every closed Gold hour whose Silver trades changed after Gold last read them.",
 )
