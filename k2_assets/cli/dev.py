@@ -264,14 +264,18 @@ def start_dagster_process(env: dict[str, str], command: list[str]) -> subprocess
 def wait_until_serving(process: subprocess.Popen, port: int, timeout: float) -> None:
     """Until the code server accepts connections. It binds its port only after loading the definitions,
     so a connection means the webserver and daemon will find the location loaded."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"k2 dev: the code server exited with {process.returncode} before it served")
-        with contextlib.suppress(OSError), socket.create_connection((DEFAULT_HOST, port), timeout=1.0):
-            return
-        time.sleep(0.5)
-    raise SystemExit(f"k2 dev: the code server did not serve on port {port} within {timeout:.0f} s")
+    from k2_resources.dev.processes import wait_until_listening
+
+    try:
+        listening = wait_until_listening(
+            DEFAULT_HOST, port, time.monotonic() + timeout, lambda: process.poll() is None, poll_seconds=0.5
+        )
+    except TimeoutError:
+        raise SystemExit(
+            f"k2 dev: the code server did not serve on port {port} within {timeout:.0f} s"
+        ) from None
+    if not listening:
+        raise SystemExit(f"k2 dev: the code server exited with {process.returncode} before it served")
 
 
 def supervise(processes: DagsterProcesses) -> int:

@@ -7,7 +7,9 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import time
+from collections.abc import Callable
 
 import psutil
 
@@ -38,3 +40,19 @@ def stop_process_group(pgid: int, timeout: float, *, wait_first: bool = False) -
         else:
             return []
     return group_members(pgid)
+
+
+def wait_until_listening(
+    host: str, port: int, deadline: float, alive: Callable[[], bool], poll_seconds: float = 0.05
+) -> bool:
+    """Until a child process just started accepts TCP connections on host:port: True. False as soon as
+    `alive()` is false (a process that exited never will), TimeoutError once `deadline` (a
+    `time.monotonic()` value) has passed. A plain socket probe: no client logs "connection refused"
+    while the process starts."""
+    while alive():
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1.0):
+            return True
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nothing listened on {host}:{port}")
+        time.sleep(poll_seconds)
+    return False

@@ -36,6 +36,7 @@ import psutil
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from k2_resources.dev.processes import wait_until_listening
 from k2_resources.exchanges import ExchangeConfig
 from k2_resources.settings import DEVSTACK_KAFKA, KAFKA_JARS
 
@@ -403,14 +404,13 @@ def wait_until_serving(bootstrap: str, timeout: float, alive: Callable[[], bool]
     """
     host, port = bootstrap.rsplit(":", 1)
     deadline = time.monotonic() + timeout
-    while True:
-        if not alive():
+    try:
+        if not wait_until_listening(host, int(port), deadline, alive):
             raise KafkaSetupError("the Kafka broker exited while starting")
-        with contextlib.suppress(OSError), socket.create_connection((host, int(port)), timeout=1):
-            break
-        if time.monotonic() > deadline:
-            raise KafkaSetupError(f"the Kafka broker at {bootstrap} did not listen within {timeout:.0f} s")
-        time.sleep(0.05)
+    except TimeoutError:
+        raise KafkaSetupError(
+            f"the Kafka broker at {bootstrap} did not listen within {timeout:.0f} s"
+        ) from None
     admin = AdminClient({"bootstrap.servers": bootstrap})
     last: Exception | None = None
     while time.monotonic() < deadline:
