@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from k2_assets.cli.instance import POSTGRES_INSTANCE_FILE, REPO_ROOT
+from k2_assets.cli.instance import DAEMON_ENVIRONMENT, POSTGRES_INSTANCE_FILE, REPO_ROOT
 from k2_resources.exchanges import EXCHANGES
 
 DOCKER_DIR = REPO_ROOT / "docker"
@@ -245,6 +245,8 @@ def test_dagster_services_share_the_postgres_instance_settings(variables: dict[s
         assert needed <= set(env), f"{service} lacks {sorted(needed - set(env))}"
         assert env["K2_DAGSTER_PG_HOST"] == "postgres"
         assert env["K2_DAGSTER_PG_PASSWORD"] == variables["POSTGRES_PASSWORD"]
+        # The daemon settings `k2 dev` and `k2 run` export: the same in a deployment.
+        assert {name: env.get(name) for name in DAEMON_ENVIRONMENT} == DAEMON_ENVIRONMENT
     assert "cp deploy/dagster-postgres.yaml" in DOCKERFILE.read_text()
     workspace = yaml.safe_load((DOCKER_DIR / "workspace.yaml").read_text())
     assert workspace["load_from"] == [

@@ -29,6 +29,7 @@ import pytest
 import yaml
 
 from k2_assets.cli.instance import (
+    DAEMON_ENVIRONMENT,
     POSTGRES_INSTANCE_FILE,
     REPO_ROOT,
     SQLITE_INSTANCE_FILE,
@@ -84,7 +85,8 @@ def test_postgres_variant_differs_from_the_default_only_in_storage() -> None:
     assert postgres_db["scheme"] == "postgresql+psycopg2"
     assert settings_without_storage(SQLITE_INSTANCE_FILE) == settings_without_storage(POSTGRES_INSTANCE_FILE)
     # Limits live in `concurrency:` only; the coordinator carries none (mixing them is a config error).
-    assert "config" not in sqlite["run_coordinator"] and "run_queue" not in sqlite
+    assert set(sqlite["run_coordinator"].get("config", {})) <= {"dequeue_interval_seconds"}
+    assert "run_queue" not in sqlite
 
 
 def test_prepare_dagster_home_puts_the_instance_in_k2_home(
@@ -131,6 +133,33 @@ def assert_instance_settings(instance: dg.DagsterInstance) -> None:
     # Live cost (bench/README.md): no freshness daemon (K2 has no FreshnessPolicy), monitoring once a minute.
     assert not instance.freshness_enabled and "FRESHNESS_DAEMON" not in instance.get_required_daemon_types()
     assert instance.run_monitoring_poll_interval_seconds == 60
+    assert instance.run_coordinator.dequeue_interval_seconds == 10
+
+
+def test_the_daemon_scans_for_crashed_runs_at_the_interval_k2_exports(tmp_path: Path) -> None:
+    """Dagster reads the run retry daemon's interval from the environment when the daemon module is
+    imported: a daemon started from the environment `prepare_dagster_home` leaves builds it at 30 s."""
+    probe = (
+        "from k2_assets.cli.instance import prepare_dagster_home; import sys\n"
+        "prepare_dagster_home(sys.argv[1])\n"
+        "import dagster as dg; from dagster._daemon.controller import create_daemon_of_type\n"
+        "with dg.DagsterInstance.get() as instance:\n"
+        "    print(create_daemon_of_type('EVENT_LOG_CONSUMER', instance).interval_seconds)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in DAEMON_ENVIRONMENT}
+    done = subprocess.run(
+        [sys.executable, "-c", probe, str(tmp_path / "home")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (
+        done.stdout.split()[-1]
+        == DAEMON_ENVIRONMENT["DAGSTER_EVENT_LOG_CONSUMER_DAEMON_INTERVAL_SECONDS"]
+        == "30"
+    )
 
 
 def test_postgres_home_needs_its_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

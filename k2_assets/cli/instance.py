@@ -24,6 +24,10 @@ SQLITE_INSTANCE_FILE = REPO_ROOT / "dagster.yaml"
 POSTGRES_INSTANCE_FILE = REPO_ROOT / "deploy" / "dagster-postgres.yaml"
 WORKSPACE_FILE = REPO_ROOT / "workspace.yaml"
 DAGSTER_HOME_DIRNAME = "dagster_home"
+# Daemon settings Dagster reads from the environment only (dagster.yaml has no field for them). The run
+# retry daemon scans the event log for crashed runs every 5 s by default: every 30 s is a quarter of a
+# percent of a core less, and a crashed run is retried at most 25 s later. docker-compose.yml sets the same.
+DAEMON_ENVIRONMENT = {"DAGSTER_EVENT_LOG_CONSUMER_DAEMON_INTERVAL_SECONDS": "30"}
 
 
 def instance_file(postgres: bool = False) -> Path:
@@ -62,6 +66,8 @@ def prepare_dagster_home(home: Path | None = None, postgres: bool = False) -> Pa
     write_if_changed(dagster_home / "dagster.yaml", source.read_text())
     os.environ[HOME.name] = str(home)
     os.environ["DAGSTER_HOME"] = str(dagster_home)
+    for name, value in DAEMON_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
     initialise_storage(dagster_home)
     return dagster_home
 
