@@ -24,7 +24,7 @@ import pytest
 from k2_assets.bronze.ingestion import read_stored_offsets
 from k2_assets.bronze.tables import OFFSETS_TAG
 from k2_assets.maintenance.actions import SPLIT_SIZE_SETTING, MaintenanceReport, maintain_table
-from k2_assets.maintenance.jobs import TARGETS, MaintenanceTarget
+from k2_assets.maintenance.jobs import MAINTENANCE_CRON, TARGETS, MaintenanceTarget, maintenance_asset_key
 from k2_resources.iceberg import IcebergCatalogResource
 from k2_resources.iceberg_maintenance import MaintenancePolicy, referenced_files
 from k2_resources.io_manager import RowScope, conform, replace_rows
@@ -118,6 +118,29 @@ def test_maintenance_job_reports_what_it_did_and_refuses_unsafe_settings(home: P
     assert read_stored_offsets(table) == {0: 600}
     rows = table.scan(selected_fields=("offset",)).to_arrow()
     assert sorted(rows["offset"].to_pylist()) == list(range(old_rows, 600))
+
+
+def test_the_scheduled_pass_maintains_every_table_in_one_run(home: Path) -> None:
+    """One run every 3 hours maintains every table (one Spark driver start per pass, not per table)."""
+    from k2_assets.definitions import defs
+
+    schedule = defs.resolve_schedule_def("maintain_all_tables_schedule")
+    assert schedule.cron_schedule == MAINTENANCE_CRON
+    assert [
+        s.name for s in defs.get_repository_def().schedule_defs if s.job_name.startswith("maintain_")
+    ] == [schedule.name]
+    job = defs.resolve_job_def(schedule.job_name)
+    assert job.tags["k2/maintenance"] == "all"  # one maintenance run at a time, whichever (dagster.yaml)
+    catalog = sqlite_catalog(home)
+    spread_commits(catalog, 30, 10, days=1)
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = job.execute_in_process(instance=instance)
+    maintained = {e.asset_key for e in result.get_asset_materialization_events()}
+    assert maintained == {maintenance_asset_key(t) for t in TARGETS}
+    assert len(TARGETS) == len({t.spec.identifier for t in TARGETS}) == 7
+    table = catalog.load_table(BRONZE_SPEC)
+    assert table.scan().count() == 300 and read_stored_offsets(table) == {0: 300}
+    assert len(table.inspect.data_files()) < 30  # compacted in the pass
 
 
 @pytest.mark.timeout(1500)  # ~210 s alone; CI runs it beside another worker

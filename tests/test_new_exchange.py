@@ -263,7 +263,6 @@ print(json.dumps({**snapshot, **extra, "runs_with_defaults": runs_with_defaults}
 """
 PLACEHOLDERS = {"K2_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9", "K2_SCHEMA_REGISTRY_URL": "http://127.0.0.1:9"}
 SECTIONS = ("assets", "checks", "jobs", "sensors", "schedules")
-STAGGERED_MINUTE = re.compile(r"^\d+ ")
 
 
 @pytest.fixture(scope="module")
@@ -278,14 +277,6 @@ def definitions(three: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
             run_python(root, LIST_DEFINITIONS, extra_path=SOURCE_ROOT, K2_HOME=homes[label], **PLACEHOLDERS)
         )
         for label, root in (("two", SOURCE_ROOT), ("three", three))
-    }
-
-
-def unstaggered(schedules: dict[str, dict]) -> dict[str, dict]:
-    """Maintenance schedules start at a minute staggered by table: that minute is left out."""
-    return {
-        name: {**s, "cron": STAGGERED_MINUTE.sub("M ", s["cron"])} if name.startswith("maintain_") else s
-        for name, s in schedules.items()
     }
 
 
@@ -325,8 +316,6 @@ def test_the_new_exchanges_definitions_mirror_the_template_and_nothing_else_chan
     """Same deps, partitions, checks' blocking, job selections, sensor targets and schedules; shared
     definitions (Gold, the DLQ replay) gain the new exchange wherever they name the template's."""
     two, three = definitions["two"][kind], definitions["three"][kind]
-    if kind == "schedules":
-        two, three = unstaggered(two), unstaggered(three)
     assert collapse(three) == collapse(two)
 
 

@@ -61,7 +61,6 @@ class MaintenanceTarget:
 
     spec: TableSpec
     day_column: str
-    cron: str
 
 
 @dataclass
