@@ -49,6 +49,9 @@ EVENT_HOURS = "event_hours"
 EVENT_HOURS_ADDED = "event_hours_added"
 PASS_PARTITIONS = "pass_partitions"
 Item = TypeVar("Item")
+# Bronze batches transformed at once, each in a thread: the transform is the pass's slowest stage, and
+# most of it releases the GIL (bench/README.md, Silver, 2026-12-07 10:xx).
+TRANSFORM_WORKERS = 2
 
 
 class SilverConfig(TimestampBounds):
@@ -427,6 +430,7 @@ def build_silver_asset(exchange: ExchangeConfig) -> dg.AssetsDefinition:
                     rules=config.rules(),
                     partition_key=label,
                     now=datetime.now(UTC),
+                    workers=TRANSFORM_WORKERS,
                 ),
                 "transform",
             )
