@@ -56,6 +56,7 @@ from fastavro import schemaless_reader
 from fastavro.read import SchemaResolutionError
 from fastavro.schema import to_parsing_canonical_form
 
+from k2_assets.silver.avro_block import avro_source_class
 from k2_assets.silver.columnar import (
     BlockPlan,
     FastRun,
@@ -649,6 +650,7 @@ def transform_batches(
     if workers <= 1:
         yield from map(transform_one, batches)
         return
+    avro_source_class()  # imported here, once, not by two workers at the same moment
     yield from ordered_map(transform_one, batches, workers, "k2-silver-transform")
 
 
