@@ -40,6 +40,8 @@ SMALLEST_BISECTED = 8  # a failing block this small goes the per-record way whol
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 PRIMITIVE_SIZES = {"null": 0, "float": 4, "double": 8}
 HIGH_BITS = np.uint64(0x8080808080808080)
+# The value of each one-byte varint (below 0x80), looked up: one gather instead of five whole-array steps.
+ZIGZAG_BYTES = np.array([(b >> 1) ^ -(b & 1) for b in range(256)], dtype=np.int64)
 WORD_MASKS = np.array([0] + [(1 << (8 * n)) - 1 for n in range(1, 9)], dtype=np.uint64)
 
 
@@ -161,9 +163,8 @@ class BodyWalk:
         which covers every value below 2**55 (timestamps in µs included) without a loop over bytes.
         """
         byte = self.data[pos]
-        if (byte < 0x80).all():
-            raw = byte.astype(np.int64)
-            return (raw >> 1) ^ -(raw & 1), self.bounded(rows, pos + 1, end)
+        if byte.max(initial=0) < 0x80:
+            return ZIGZAG_BYTES[byte], self.bounded(rows, pos + 1, end)
         word = self.words[pos].view(np.uint64).ravel()
         stops = ~word & HIGH_BITS
         lowest = stops & (~stops + np.uint64(1))
