@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-__all__ = ["BlockSchema", "body_fits", "decode_bodies"]
+__all__ = ["BlockSchema", "body_fits", "byte_words", "decode_bodies"]
 
 SYNC_MARKER = b"K2-silver-block!"  # any 16 bytes: the block is read back only by ourselves
 MAX_VARINT_BYTES = 10  # a 64-bit zigzag varint
@@ -128,7 +128,7 @@ class BodyWalk:
 
     def __init__(self, data: np.ndarray, start: np.ndarray, end: np.ndarray, schema: BlockSchema) -> None:
         self.data = data
-        self.words = np.lib.stride_tricks.as_strided(data, shape=(len(data) - 7, 8), strides=(1, 1))
+        self.words = byte_words(data)
         self.bad = np.zeros(len(start), dtype=bool)
         self.names = schema.names
         self.walked = self.walk(schema.writer, None, start.astype(np.int64), end.astype(np.int64))
@@ -165,7 +165,7 @@ class BodyWalk:
         byte = self.data[pos]
         if byte.max(initial=0) < 0x80:
             return ZIGZAG_BYTES[byte], self.bounded(rows, pos + 1, end)
-        word = self.words[pos].view(np.uint64).ravel()
+        word = self.words[pos]
         stops = ~word & HIGH_BITS
         lowest = stops & (~stops + np.uint64(1))
         # lowest has one bit, at 8k+7 for a varint of k+1 bytes: k+1 = (bits below it + 1) / 8. Without
@@ -348,6 +348,13 @@ class Lockstep:
         chosen = np.flatnonzero(still)
         self.members = chosen if self.members is None else self.members[chosen]
         self.size = len(self.members)
+
+
+def byte_words(data: np.ndarray, byte_order: str = "<") -> np.ndarray:
+    """The 8 bytes from each position of `data` (uint8) on, as one unsigned 64-bit word: a view with a
+    stride of one byte, so a gather of words is one fancy index (half the time of gathering rows of
+    an (n, 8) byte view)."""
+    return np.ndarray(shape=(len(data) - 7,), dtype=f"{byte_order}u8", buffer=data, strides=(1,))
 
 
 def _at(n: int, where: np.ndarray) -> np.ndarray:
