@@ -50,7 +50,8 @@ EVENT_HOURS_ADDED = "event_hours_added"
 PASS_PARTITIONS = "pass_partitions"
 Item = TypeVar("Item")
 # Bronze batches transformed at once, each in a thread: the transform is the pass's slowest stage, and
-# most of it releases the GIL (bench/README.md, Silver, 2026-12-07 10:xx).
+# most of it releases the GIL. On two idle cores +7-8 % wall for +0.2-0.3 CPU-s per 1M records; nothing
+# when the other core is busy (bench/README.md, "Silver end to end on branch s8-silver").
 TRANSFORM_WORKERS = 2
 
 
