@@ -19,6 +19,7 @@ import os
 import resource
 import sys
 import tempfile
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,10 +43,68 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+NATIVE_THREADS = "native threads (PyArrow's pool)"
+
+
+class ThreadCpu:
+    """CPU seconds per thread of this process over the run, from /proc/self/task/*/stat (user + sys).
+
+    getrusage gives the process total only; the pipeline's stages run in threads of their own (Bronze
+    read, transform, the main thread's Silver write) and PyArrow's pool does Parquet work in more. A
+    thread's last reading is kept after it exits, so threads that end during the run count too (up to
+    one sampling interval of each is lost).
+    """
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval, self.seen, self.names = interval, {}, {}
+        self.stop = threading.Event()
+        self.tick = os.sysconf("SC_CLK_TCK")
+        self.sampler = threading.Thread(target=self._run, name="k2-bench-cpu-sampler", daemon=True)
+
+    def _sample(self) -> None:
+        names = {t.native_id: t.name for t in threading.enumerate()}
+        for task in Path("/proc/self/task").iterdir():
+            try:
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            tid = int(task.name)
+            self.seen[tid] = (int(fields[11]) + int(fields[12])) / self.tick
+            if tid in names or tid not in self.names:  # a Python thread can show up here before it is named
+                self.names[tid] = names.get(tid, NATIVE_THREADS)
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> ThreadCpu:
+        self._sample()
+        self.before = dict(self.seen)
+        self.sampler.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.sampler.join()
+        self._sample()
+
+    def by_name(self) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for tid, seconds in self.seen.items():
+            name = self.names[tid]
+            totals[name] = totals.get(name, 0.0) + seconds - self.before.get(tid, 0.0)
+        return dict(sorted(totals.items(), key=lambda item: -item[1]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=1_000_000)
     parser.add_argument("--profile", help="write a cProfile of the materialisation to this file")
+    parser.add_argument(
+        "--transform-workers",
+        type=int,
+        help="Bronze batches the Silver step transforms at once (default: the code's TRANSFORM_WORKERS)",
+    )
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     with tempfile.TemporaryDirectory(prefix="k2-bench-silver-") as tmp:
@@ -55,6 +114,10 @@ def main() -> None:
         info = start_devstack(Path(tmp))
         os.environ.update(info.env())
         try:
+            if args.transform_workers is not None:
+                import k2_assets.silver.assets as silver_assets
+
+                silver_assets.TRANSFORM_WORKERS = args.transform_workers
             run(args.records, info.schema_ids, args.profile)
         finally:
             stop_devstack(Path(tmp))
@@ -90,9 +153,10 @@ def run(records: int, schema_ids: dict, profile: str | None = None) -> None:
         started, cpu_started = time.perf_counter(), cpu_seconds()
         if profiler:
             profiler.enable()
-        result = job.execute_in_process(
-            instance=instance, asset_selection=selection, partition_key=now.strftime(HOUR_KEY_FORMAT)
-        )
+        with ThreadCpu() as threads:
+            result = job.execute_in_process(
+                instance=instance, asset_selection=selection, partition_key=now.strftime(HOUR_KEY_FORMAT)
+            )
         if profiler:
             profiler.disable()
             profiler.dump_stats(profile)
@@ -131,6 +195,10 @@ def run(records: int, schema_ids: dict, profile: str | None = None) -> None:
         f"{records / baseline_cpu:,.0f} per CPU-second; ratio {baseline_cpu and (records / pipeline_cpu) / (records / baseline_cpu):.2f}x "
         f"(wall ratio {baseline_seconds / pipeline_seconds:.2f}x)"
     )
+    per_thread = ", ".join(
+        f"{name} {seconds:.2f}" for name, seconds in threads.by_name().items() if seconds >= 0.005
+    )
+    print(f"CPU-s per thread of the run (/proc/self/task, user+sys): {per_thread}")
     print(
         f"peak RSS of this process: {peak_mb:,.0f} MB (includes the {records:,} input rows held for the baseline)"
     )

@@ -189,6 +189,14 @@ def test_writer_scales_other_than_8_take_the_columnar_path_exactly(registry: Sch
     assert columnar[0].column("price").to_pylist()[:2] == [Decimal("67000.12000000"), Decimal("0.01000000")]
 
 
+def walk_fits(bodies: list[bytes]) -> np.ndarray:
+    """body_fits of each framed V2 body, walked against V2 as a Bronze batch's values are."""
+    values = pa.array(bodies, type=pa.large_binary())
+    offsets = value_offsets(values)
+    schema = BlockSchema(strip_logical_types(trade_v2_schema()))
+    return body_fits(padded(values.buffers()[2]), offsets[:-1], offsets[1:], schema)
+
+
 @pytest.mark.parametrize("damage", ["extra", "short", "varint", "count"])
 def test_the_walk_accepts_exactly_the_bodies_fastavro_reads_whole(damage: str, v2_id: int) -> None:
     bodies = [framed(v2_id, trade(platform_sequence=i, trade_conditions=["A", "B"])) for i in range(8)]
@@ -199,15 +207,26 @@ def test_the_walk_accepts_exactly_the_bodies_fastavro_reads_whole(damage: str, v
         "count": bodies[3].replace(b"\x04\x02A\x02B\x00", b"\x7f\x02A\x02B\x00", 1),
     }[damage]
     bodies[3] = damaged
-    values = pa.array(bodies, type=pa.large_binary())
-    offsets = value_offsets(values)
-
-    fits = body_fits(
-        padded(values.buffers()[2]),
-        offsets[:-1],
-        offsets[1:],
-        BlockSchema(strip_logical_types(trade_v2_schema())),
-    )
+    fits = walk_fits(bodies)
 
     assert fits.tolist() == [i != 3 for i in range(8)]
     assert np.count_nonzero(fits) == 7
+
+
+def test_the_walk_ends_each_body_exactly_whatever_its_maps_and_arrays_hold(v2_id: int) -> None:
+    """Bodies leave the lockstep of an array or map at different items (0 to 5 entries, a null map,
+    damaged bodies in between): each good body's walk must still end exactly at its last byte."""
+    rng = random.Random(7)
+    bodies, good = [], []
+    for i in range(300):
+        entries = rng.randrange(6)
+        vendor = None if entries == 5 else {f"k{j}": "v" * rng.randrange(3) for j in range(entries)}
+        body = framed(
+            v2_id, trade(platform_sequence=i, trade_conditions=["C"] * rng.randrange(4), vendor_data=vendor)
+        )
+        damage = rng.randrange(10)
+        bodies.append(body + b"\x00" if damage == 0 else body[:-1] if damage == 1 else body)
+        good.append(damage > 1)
+    fits = walk_fits(bodies)
+
+    assert fits.tolist() == good

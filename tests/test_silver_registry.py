@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -27,13 +28,12 @@ def registry_url() -> Iterator[str]:
         server.shutdown()
 
 
-class NotARegistry(BaseHTTPRequestHandler):
-    """Some other HTTP service (or a proxy's error page): 404 with an HTML body."""
+class QuietHandler(BaseHTTPRequestHandler):
+    """An HTTP handler that answers with `answer` and logs nothing."""
 
-    def do_GET(self) -> None:  # noqa: N802 (BaseHTTPRequestHandler's naming)
-        body = b"<html><body>404 Not Found</body></html>"
-        self.send_response(404)
-        self.send_header("Content-Type", "text/html")
+    def answer(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -42,14 +42,28 @@ class NotARegistry(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture()
-def other_service() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), NotARegistry)
+class NotARegistry(QuietHandler):
+    """Some other HTTP service (or a proxy's error page): 404 with an HTML body."""
+
+    def do_GET(self) -> None:  # noqa: N802 (BaseHTTPRequestHandler's naming)
+        self.answer(404, b"<html><body>404 Not Found</body></html>", "text/html")
+
+
+@contextmanager
+def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """The URL of an HTTP server on a free local port answering with `handler`, while in the block."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
+
+
+@pytest.fixture()
+def other_service() -> Iterator[str]:
+    with serving(NotARegistry) as url:
+        yield url
 
 
 def client(url: str) -> SchemaRegistryClient:

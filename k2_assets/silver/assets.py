@@ -49,6 +49,10 @@ EVENT_HOURS = "event_hours"
 EVENT_HOURS_ADDED = "event_hours_added"
 PASS_PARTITIONS = "pass_partitions"
 Item = TypeVar("Item")
+# Bronze batches transformed at once, each in a thread: the transform is the pass's slowest stage, and
+# most of it releases the GIL. On two idle cores +7-8 % wall for +0.2-0.3 CPU-s per 1M records; nothing
+# when the other core is busy (bench/README.md, "Silver end to end on branch s8-silver").
+TRANSFORM_WORKERS = 2
 
 
 class SilverConfig(TimestampBounds):
@@ -427,6 +431,7 @@ def build_silver_asset(exchange: ExchangeConfig) -> dg.AssetsDefinition:
                     rules=config.rules(),
                     partition_key=label,
                     now=datetime.now(UTC),
+                    workers=TRANSFORM_WORKERS,
                 ),
                 "transform",
             )

@@ -22,6 +22,7 @@ failing bodies are isolated, and those go the per-record way too.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-__all__ = ["BlockSchema", "body_fits", "decode_bodies"]
+__all__ = ["BlockSchema", "body_fits", "byte_words", "decode_bodies"]
 
 SYNC_MARKER = b"K2-silver-block!"  # any 16 bytes: the block is read back only by ourselves
 MAX_VARINT_BYTES = 10  # a 64-bit zigzag varint
@@ -39,6 +40,8 @@ SMALLEST_BISECTED = 8  # a failing block this small goes the per-record way whol
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 PRIMITIVE_SIZES = {"null": 0, "float": 4, "double": 8}
 HIGH_BITS = np.uint64(0x8080808080808080)
+# The value of each one-byte varint (below 0x80), looked up: one gather instead of five whole-array steps.
+ZIGZAG_BYTES = np.array([(b >> 1) ^ -(b & 1) for b in range(256)], dtype=np.int64)
 WORD_MASKS = np.array([0] + [(1 << (8 * n)) - 1 for n in range(1, 9)], dtype=np.uint64)
 
 
@@ -125,7 +128,7 @@ class BodyWalk:
 
     def __init__(self, data: np.ndarray, start: np.ndarray, end: np.ndarray, schema: BlockSchema) -> None:
         self.data = data
-        self.words = np.lib.stride_tricks.as_strided(data, shape=(len(data) - 7, 8), strides=(1, 1))
+        self.words = byte_words(data)
         self.bad = np.zeros(len(start), dtype=bool)
         self.names = schema.names
         self.walked = self.walk(schema.writer, None, start.astype(np.int64), end.astype(np.int64))
@@ -160,10 +163,9 @@ class BodyWalk:
         which covers every value below 2**55 (timestamps in µs included) without a loop over bytes.
         """
         byte = self.data[pos]
-        if (byte < 0x80).all():
-            raw = byte.astype(np.int64)
-            return (raw >> 1) ^ -(raw & 1), self.bounded(rows, pos + 1, end)
-        word = self.words[pos].view(np.uint64).ravel()
+        if byte.max(initial=0) < 0x80:
+            return ZIGZAG_BYTES[byte], self.bounded(rows, pos + 1, end)
+        word = self.words[pos]
         stops = ~word & HIGH_BITS
         lowest = stops & (~stops + np.uint64(1))
         # lowest has one bit, at 8k+7 for a varint of k+1 bytes: k+1 = (bits below it + 1) / 8. Without
@@ -268,33 +270,91 @@ class BodyWalk:
         rows: np.ndarray | None,
         pos: np.ndarray,
         end: np.ndarray,
-        item: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray],
+        item: Callable[[np.ndarray | None, np.ndarray, np.ndarray], np.ndarray],
     ) -> np.ndarray:
         """An array's or map's blocks: a count, that many items, ... until a count of 0.
 
         Negative counts (a count followed by the block's byte size) are legal Avro that no writer here
         produces; they go the per-record way. A count above the bytes left cannot be honest, and
         rejecting it bounds the item loop by the body's size.
+
+        The bodies still in the array are `Lockstep`: while every body is (the usual case: each map
+        has the same number of entries), items are walked on the arrays as they are, with no gather.
         """
-        rows = np.arange(len(pos)) if rows is None else rows
-        out = pos.copy()
-        open_at = np.arange(len(pos))  # indices into rows/out/end of the bodies still in the array
-        while open_at.size:
-            count, at = self.varint(rows[open_at], out[open_at], end[open_at])
-            bad = (count < 0) | (count > end[open_at] - at)
-            self.reject(rows[open_at], bad)
-            count = np.where(bad, 0, count)
-            out[open_at] = at
-            pending = np.flatnonzero(count > 0)
-            left = count[pending]
-            while pending.size:
-                members = open_at[pending]
-                out[members] = item(rows[members], out[members], end[members])
+        step = Lockstep(rows, pos.copy(), end)
+        while step.size:
+            count, at = self.varint(*step.arguments())
+            bad = (count < 0) | (count > step.ends() - at)
+            if bad.any():
+                self.reject(step.rows(), bad)
+                count = np.where(bad, 0, count)
+            step.advance(at)
+            step.keep(count > 0)
+            left = count[count > 0]
+            items = step.copy()
+            while items.size:
+                items.advance(item(*items.arguments()))
                 left -= 1
-                keep = left > 0
-                pending, left = pending[keep], left[keep]
-            open_at = open_at[count > 0]
-        return out
+                keeps = left > 0
+                items.keep(keeps)
+                left = left[keeps]
+            step.out = items.out
+        return step.out
+
+
+class Lockstep:
+    """Which of a walk's bodies are still inside an array or map, and where each one is (`out`).
+
+    `members` indexes the bodies still in it, None while that is every one of them: then the walk
+    works on `out`, `end` and `rows` as they are (no gather, no scatter), which is the usual case.
+    """
+
+    def __init__(self, rows: np.ndarray | None, out: np.ndarray, end: np.ndarray) -> None:
+        self.all_rows, self.out, self.end = rows, out, end
+        self.members: np.ndarray | None = None
+        self.size = len(out)
+
+    def copy(self) -> Lockstep:
+        other = Lockstep(self.all_rows, self.out, self.end)
+        other.members, other.size = self.members, self.size
+        return other
+
+    def rows(self) -> np.ndarray | None:
+        """The members as indices of the walk's bodies (None: all of them)."""
+        if self.members is None:
+            return self.all_rows
+        return self.members if self.all_rows is None else self.all_rows[self.members]
+
+    def ends(self) -> np.ndarray:
+        return self.end if self.members is None else self.end[self.members]
+
+    def arguments(self) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        """(rows, positions, ends) of the members, as a walk step takes them."""
+        if self.members is None:
+            return self.all_rows, self.out, self.end
+        return self.rows(), self.out[self.members], self.end[self.members]
+
+    def advance(self, positions: np.ndarray) -> None:
+        """The members' new positions."""
+        if self.members is None:
+            self.out = positions
+        else:
+            self.out[self.members] = positions
+
+    def keep(self, still: np.ndarray) -> None:
+        """Keep only the members for which `still` holds."""
+        if still.all():
+            return
+        chosen = np.flatnonzero(still)
+        self.members = chosen if self.members is None else self.members[chosen]
+        self.size = len(self.members)
+
+
+def byte_words(data: np.ndarray, byte_order: str = "<") -> np.ndarray:
+    """The 8 bytes from each position of `data` (uint8) on, as one unsigned 64-bit word: a view with a
+    stride of one byte, so a gather of words is one fancy index (half the time of gathering rows of
+    an (n, 8) byte view)."""
+    return np.ndarray(shape=(len(data) - 7,), dtype=f"{byte_order}u8", buffer=data, strides=(1,))
 
 
 def _at(n: int, where: np.ndarray) -> np.ndarray:
@@ -346,6 +406,21 @@ def block_payload(values: pa.Array, rows: np.ndarray) -> bytes:
     return b"".join([buffer[a:b] for a, b in zip(starts, ends, strict=True)])
 
 
+@functools.cache
+def avro_source_class() -> type:
+    """arrow-avro's reader class, imported on first use.
+
+    Lazily: polars (~35 MB resident) is loaded only by a process that decodes Silver, not by every
+    process that loads the code location (Bronze ingestion, sensors, Gold). Call it once before
+    decoding in several threads: two threads importing polars at the same moment can each see the
+    other's partially initialised module (Python accepts that rather than deadlock), and an
+    ImportError here would quietly send every record the per-record way.
+    """
+    from polars_avro._avro_rs import AvroSource
+
+    return AvroSource
+
+
 def decode_block(
     schema: BlockSchema, values: pa.Array, rows: np.ndarray, columns: list[str]
 ) -> pa.RecordBatch:
@@ -355,11 +430,7 @@ def decode_block(
     count = len(rows)
     block = b"".join([schema.header, zigzag_varint(count), zigzag_varint(len(payload)), payload, SYNC_MARKER])
     source = io.BytesIO(block)
-    # Imported here: polars (~35 MB resident) is loaded only by a process that decodes Silver,
-    # not by every process that loads the code location (Bronze ingestion, sensors, Gold).
-    from polars_avro._avro_rs import AvroSource
-
-    reader = AvroSource([lambda: contextlib.nullcontext(source)], False, False)
+    reader = avro_source_class()([lambda: contextlib.nullcontext(source)], False, False)
     batches = [pa.record_batch(b) for b in reader.batch_iter(count, columns)]
     decoded = pa.concat_batches(batches) if len(batches) != 1 else batches[0]
     if decoded.num_rows != count:

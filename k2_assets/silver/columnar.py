@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 from k2_assets.silver.avro_block import (
     BlockSchema,
     body_fits,
+    byte_words,
     decode_bodies,
     padded,
     value_offsets,
@@ -223,8 +224,7 @@ def unscaled_int64(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     size = np.diff(offsets)
     fits = (size >= 1) & (size <= 8) & _present(column)
     data = np.concatenate([np.zeros(8, dtype=np.uint8), padded(column.buffers()[2])])
-    words = np.lib.stride_tricks.as_strided(data, shape=(len(data) - 7, 8), strides=(1, 1))
-    raw = np.ascontiguousarray(words[offsets[1:]]).view(">u8").ravel().astype(np.uint64)
+    raw = byte_words(data, ">")[offsets[1:]].astype(np.uint64)
     shift = (64 - 8 * np.clip(size, 1, 8)).astype(np.uint64)
     values = (raw << shift).view(np.int64) >> shift.astype(np.int64)
     return np.where(fits, values, 0), fits

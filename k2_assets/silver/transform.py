@@ -25,9 +25,11 @@ Per-record decoding, and why it looks like this (numbers in bench/bench_silver_d
   the same position check that catches trailing garbage. A per-record buffer (instead of one buffer for
   the whole batch) bounds what a corrupt length can make fastavro read to one record.
 - The cyclic garbage collector is paused while a batch is transformed (see `gc_paused`).
-- One process, one batch at a time. A 2-process pool over batches measured no better here (the two
-  cores are shared with the Iceberg writer and Dagster), needs the writer schemas shipped to workers,
-  and would hold several batches at once.
+- One process; with `workers` > 1, that many batches at a time in threads, yielded in Bronze order
+  (`ordered_map`). Most of a batch's work (arrow-avro, numpy, Arrow kernels) releases the GIL, so two
+  threads overlap on the two cores; each thread has its own `RecordChecker`, the `WriterSchemas` cache
+  is shared behind a lock. A 2-process pool over batches measured no better here (the writer schemas
+  shipped to workers, every batch pickled twice).
 """
 
 from __future__ import annotations
@@ -36,11 +38,14 @@ import gc
 import io
 import json
 import operator
-from collections.abc import Iterable, Iterator
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import fastavro
 import numpy as np
@@ -51,6 +56,7 @@ from fastavro import schemaless_reader
 from fastavro.read import SchemaResolutionError
 from fastavro.schema import to_parsing_canonical_form
 
+from k2_assets.silver.avro_block import avro_source_class
 from k2_assets.silver.columnar import (
     BlockPlan,
     FastRun,
@@ -91,6 +97,9 @@ __all__ = [
 ]
 
 SILVER_ARROW_SCHEMA: pa.Schema = SILVER_SCHEMA.as_arrow()
+_MISSING = object()
+Item = TypeVar("Item")
+Result = TypeVar("Result")
 DLQ_ARROW_SCHEMA: pa.Schema = DLQ_SCHEMA.as_arrow()
 V2_ARROW_SCHEMA: pa.Schema = v2_arrow_schema()
 # A decoded record's V2 values in V2 order, and where silver_values converts them to Silver's types.
@@ -157,12 +166,17 @@ class WriterSchemas:
     def __init__(self, client: SchemaRegistryClient) -> None:
         self._client = client
         self._cache: dict[int, WriterSchema | None] = {}
+        self._lock = threading.Lock()  # transform threads share the cache: one registry call per id
 
     def get(self, schema_id: int) -> WriterSchema | None:
         """The prepared writer schema of `schema_id`, or None when the registry does not know the id."""
-        if schema_id not in self._cache:
-            self._cache[schema_id] = self._fetch(schema_id)
-        return self._cache[schema_id]
+        cached = self._cache.get(schema_id, _MISSING)
+        if cached is not _MISSING:
+            return cached
+        with self._lock:
+            if schema_id not in self._cache:
+                self._cache[schema_id] = self._fetch(schema_id)
+            return self._cache[schema_id]
 
     def _fetch(self, schema_id: int) -> WriterSchema | None:
         try:
@@ -571,6 +585,11 @@ def dlq_batch(
     return pa.RecordBatch.from_arrays([arrays[f.name] for f in schema], schema=schema)
 
 
+_gc_lock = threading.Lock()
+_gc_pauses = 0
+_gc_was_enabled = True
+
+
 @contextmanager
 def gc_paused() -> Iterator[None]:
     """Pause the cyclic garbage collector while one batch is transformed.
@@ -581,13 +600,19 @@ def gc_paused() -> Iterator[None]:
     reference cycles. Reference counting still frees everything; the pause ends with the batch, before
     it is yielded, and restores the previous state.
     """
-    was_enabled = gc.isenabled()
-    gc.disable()
+    global _gc_pauses, _gc_was_enabled
+    with _gc_lock:  # transform threads overlap: the first pause disables, the last one restores
+        if _gc_pauses == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_pauses += 1
     try:
         yield
     finally:
-        if was_enabled:
-            gc.enable()
+        with _gc_lock:
+            _gc_pauses -= 1
+            if _gc_pauses == 0 and _gc_was_enabled:
+                gc.enable()
 
 
 # --- The stream ---------------------------------------------------------------------------------------
@@ -600,21 +625,56 @@ def transform_batches(
     rules: ValidationRules,
     partition_key: str,
     now: datetime,
+    workers: int = 1,
 ) -> Iterator[tuple[pa.RecordBatch, pa.RecordBatch]]:
-    """For each Bronze batch, (Silver batch, DLQ batch) that together hold each of its rows exactly once.
+    """For each Bronze batch, in order, (Silver batch, DLQ batch) that together hold each of its rows
+    exactly once.
 
     `now` (timezone-aware) becomes validation_timestamp and dlq_timestamp; `partition_key` is the
     Dagster partition of the run, written to every DLQ row. Raises RuntimeError if a batch would not
-    conserve its rows, rather than let a record disappear.
+    conserve its rows, rather than let a record disappear. `workers` batches are transformed at once,
+    each in a thread with its own checker (memory: `workers` batches in flight instead of one).
     """
     if now.tzinfo is None or now.utcoffset() is None:
         raise ValueError("now must be timezone-aware: it is stored as a UTC timestamp")
-    checker = RecordChecker(exchange, rules)
-    for batch in batches:
+    checkers = threading.local()
+
+    def transform_one(batch: pa.RecordBatch) -> tuple[pa.RecordBatch, pa.RecordBatch]:
+        checker = getattr(checkers, "checker", None)
+        if checker is None:
+            checker = checkers.checker = RecordChecker(exchange, rules)
         checker.reset_cache()
         with gc_paused():
-            silver, dlq = transform_batch(batch, exchange, schemas, checker, partition_key, now)
-        yield silver, dlq
+            return transform_batch(batch, exchange, schemas, checker, partition_key, now)
+
+    if workers <= 1:
+        yield from map(transform_one, batches)
+        return
+    avro_source_class()  # imported here, once, not by two workers at the same moment
+    yield from ordered_map(transform_one, batches, workers, "k2-silver-transform")
+
+
+def ordered_map(
+    work: Callable[[Item], Result], items: Iterable[Item], workers: int, name: str
+) -> Iterator[Result]:
+    """work(item) for each of `items`, `workers` at a time in threads, yielded in the items' order.
+
+    At most `workers` items are taken ahead of the consumer. An exception of work(item) is raised
+    here after the results of the items before it; the items after it are cancelled or awaited,
+    never yielded. A consumer that stops early stops the rest the same way.
+    """
+    pending: deque[Future] = deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name) as pool:
+        try:
+            for item in items:
+                pending.append(pool.submit(work, item))
+                if len(pending) >= workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 def transform_batch(
