@@ -78,7 +78,7 @@ VARIANTS: dict[str, dict[str, str]] = {
     "before": {"spark.driver.memory": "2g", "spark.driver.extraJavaOptions": JVM_DEFAULTS},
     "c1": {"spark.driver.memory": "2g", "spark.driver.extraJavaOptions": C1_ONLY},
     "serial-gc": {"spark.driver.memory": "2g", "spark.driver.extraJavaOptions": SERIAL_GC},
-    "c1+serial-2g": {"spark.driver.memory": "2g"},
+    "mem-1g": {"spark.driver.memory": "1g"},
     "mem-512m": {"spark.driver.memory": "512m"},
     "jars-local": {"spark.jars.packages": "", "spark.jars": IVY_JARS},
     "cds-dump": {
