@@ -185,7 +185,11 @@ def run_once(variant: str, built: Path, home: Path, scratch: Path, index: int) -
         cpu = cpu_usec(top) / 1e6
         usage_peak = int((memory / "memory.max_usage_in_bytes").read_text())
     finally:
-        remove_cgroups(top, memory)
+        for _ in range(50):  # the kernel refuses rmdir (EBUSY) for a moment after the last process exits
+            remove_cgroups(top, memory)
+            if not top.exists() and not memory.exists():
+                break
+            time.sleep(0.1)
     (scratch.parent / "logs").mkdir(exist_ok=True)
     (scratch.parent / "logs" / f"{index}-{variant}.log").write_text(done.stdout + done.stderr)
     if done.returncode != 0 or "RUN_SUCCESS" not in done.stdout + done.stderr:
