@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from k2_assets.bronze.tables import OFFSETS_PROPERTY, OFFSETS_TAG  # noqa: E402
 from k2_assets.maintenance.actions import maintain_table  # noqa: E402
+from k2_assets.maintenance.definitions import maintenance_spark  # noqa: E402
 from k2_assets.maintenance.jobs import TARGETS  # noqa: E402
 from k2_resources.iceberg import IcebergCatalogResource  # noqa: E402
 from k2_resources.iceberg_maintenance import (  # noqa: E402
@@ -267,7 +268,8 @@ def run_pass(
         extra = iceberg_spark_config(WARMUP_CATALOG, warm_catalog.resolved_properties())
         if java_options:
             extra["spark.driver.extraJavaOptions"] = java_options
-        spark = IcebergSparkResource(iceberg=catalog, spark_config=extra).spark_session
+        # The settings scheduled runs use (driver memory, JVM options), plus the warm-up catalog.
+        spark = maintenance_spark(catalog, spark_config=extra).spark_session
         spark.sparkContext.setLogLevel("ERROR")
         warmup_s = warm_up(spark, warm_catalog, warmup_commits) if warmup_commits > 1 else 0.0
     ids = expirable_snapshots(table.metadata, POLICY.snapshots_expire_before(datetime.now(UTC)))

@@ -24,11 +24,11 @@ import pytest
 from k2_assets.bronze.ingestion import read_stored_offsets
 from k2_assets.bronze.tables import OFFSETS_TAG
 from k2_assets.maintenance.actions import SPLIT_SIZE_SETTING, MaintenanceReport, maintain_table
+from k2_assets.maintenance.definitions import maintenance_spark
 from k2_assets.maintenance.jobs import MAINTENANCE_CRON, TARGETS, MaintenanceTarget, maintenance_asset_key
 from k2_resources.iceberg import IcebergCatalogResource
 from k2_resources.iceberg_maintenance import MaintenancePolicy, referenced_files
 from k2_resources.io_manager import RowScope, conform, replace_rows
-from k2_resources.spark import IcebergSparkResource
 from tests.maintenance_helpers import BRONZE_SPEC, OffsetCommitter, java_history, sqlite_catalog
 from tests.test_maintenance import age_files
 
@@ -51,7 +51,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture()
 def spark(home: Path) -> Iterator[object]:
     """A Spark session on the test's catalog; stopped afterwards so the next test gets fresh catalogs."""
-    resource = IcebergSparkResource(iceberg=sqlite_catalog(home))
+    resource = maintenance_spark(sqlite_catalog(home))  # the settings scheduled runs use
     yield resource.spark_session
     resource.spark_session.stop()
 

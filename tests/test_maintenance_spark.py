@@ -5,9 +5,11 @@ Real Spark (local, Iceberg's runtime from Maven Central), real SQLite and Postgr
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,14 +21,17 @@ import pytest
 
 from k2_assets.bronze.ingestion import read_stored_offsets
 from k2_assets.maintenance.actions import maintain_table
+from k2_assets.maintenance.definitions import maintenance_spark
 from k2_assets.maintenance.jobs import TARGETS
 from k2_resources.dev.devstack.kafka import free_ports
+from k2_resources.engine import EngineResource
 from k2_resources.iceberg import IcebergCatalogResource
 from k2_resources.iceberg_maintenance import MaintenancePolicy
 from k2_resources.spark import (
     ICEBERG_AWS_BUNDLE,
     ICEBERG_SPARK_RUNTIME,
     POSTGRESQL_JDBC,
+    SHORT_RUN_JAVA_OPTIONS,
     SQLITE_JDBC,
     IcebergSparkResource,
     SparkConfigError,
@@ -107,6 +112,59 @@ def test_cluster_or_spark_connect_by_configuration(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("K2_SPARK_MASTER", "yarn")
     with pytest.raises(SparkConfigError, match="K2_SPARK_MASTER"):
         IcebergSparkResource(iceberg=catalog).full_config()
+
+
+def test_short_run_jvm_options_only_on_a_local_maintenance_driver(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Maintenance's JVM options suit a local driver that lives one run; a cluster keeps Spark's defaults."""
+    catalog = IcebergCatalogResource(properties={"type": "sql", "uri": f"sqlite:///{tmp_path}/c.db"})
+    for master in ("", "local", "local[2]", "local[*]"):
+        monkeypatch.setenv("K2_SPARK_MASTER", master)
+        config = maintenance_spark(catalog).full_config()
+        assert config["spark.driver.extraJavaOptions"] == SHORT_RUN_JAVA_OPTIONS, master
+    monkeypatch.setenv("K2_SPARK_MASTER", "spark://spark-master:7077")
+    assert "spark.driver.extraJavaOptions" not in maintenance_spark(catalog).full_config()
+    monkeypatch.delenv("K2_SPARK_MASTER")
+    monkeypatch.setenv("K2_SPARK_REMOTE", "sc://spark-connect:15002")
+    assert "spark.driver.extraJavaOptions" not in maintenance_spark(catalog).full_config()
+    monkeypatch.delenv("K2_SPARK_REMOTE")
+    engine = EngineResource.for_catalog(catalog).spark.full_config()  # long Spark jobs keep C2 and G1
+    assert "spark.driver.extraJavaOptions" not in engine and engine["spark.driver.memory"] == "2g"
+    explicit = maintenance_spark(catalog, {"spark.driver.extraJavaOptions": "-Xss4m"}).full_config()
+    assert explicit["spark.driver.extraJavaOptions"] == "-Xss4m"  # an explicit setting wins
+
+
+# A JVM of its own: PySpark keeps one JVM per process, started with the first session's settings.
+JVM_PROBE = """
+import json, sys
+from pathlib import Path
+from k2_assets.maintenance.definitions import maintenance_spark
+from tests.maintenance_helpers import sqlite_catalog
+spark = maintenance_spark(sqlite_catalog(Path(sys.argv[1]))).spark_session
+management = spark._jvm.java.lang.management.ManagementFactory
+print(json.dumps({
+    "arguments": list(management.getRuntimeMXBean().getInputArguments()),
+    "collectors": [bean.getName() for bean in management.getGarbageCollectorMXBeans()],
+    "rows": spark.sql("SELECT 1 AS one").collect()[0].one,
+}))
+spark.stop()
+"""
+
+
+def test_maintenance_driver_jvm_runs_with_its_options(tmp_path: Path) -> None:
+    probe = subprocess.run(
+        [sys.executable, "-c", JVM_PROBE, str(tmp_path)],
+        cwd=Path(__file__).parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    jvm = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert set(SHORT_RUN_JAVA_OPTIONS.split()) <= set(jvm["arguments"]), jvm["arguments"]
+    assert set(jvm["collectors"]) == {"Copy", "MarkSweepCompact"}  # the serial collector's two generations
+    assert jvm["rows"] == 1
 
 
 @pytest.fixture()
