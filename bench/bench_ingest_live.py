@@ -35,7 +35,6 @@ import argparse
 import contextlib
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,6 +54,19 @@ from bench.bench_live_cost import cpu_usec, make_cgroups, remove_cgroups  # noqa
 SAMPLE_SECONDS = 1.0
 POOL_RECORDS = 5_000
 SEED_TOPIC = "k2-bench-seed"
+ROOT = Path(__file__).resolve().parents[1]
+# A --growth child (`python -P -c`, PYTHONPATH = the tree measured): K2 is imported from the tree before
+# this module, whose sys.path change then cannot reach it. Prints where K2 came from, then the median
+# CPU seconds of its commits.
+GROWTH_CHILD = """
+import statistics, sys
+from pathlib import Path
+import k2_assets.bronze.ingestion, k2_assets.bronze.tables, k2_resources.exchanges, k2_resources.iceberg
+sys.path.append(sys.argv[1])
+from bench.bench_ingest_live import seed_snapshots
+print(k2_assets.bronze.ingestion.__file__)
+print(statistics.median(seed_snapshots(Path(sys.argv[2]), "binance", int(sys.argv[3]), rows=1_500)))
+"""
 
 
 class RateProducer(threading.Thread):
@@ -193,16 +205,12 @@ def commit_growth(args: argparse.Namespace, tmp: Path) -> None:
         built = max(built, target)
         figures = []
         for code in args.code:
-            command = [sys.executable, str(Path(__file__).resolve()), "--commit-cost", str(home)]
             env = {**os.environ, "PYTHONPATH": str(code)}
-            out = subprocess.run(
-                [*command, "--commits", str(args.commits)],
-                env=env,
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            figures.append(f"{code.name} {float(out.stdout.split()[-1]) * 1000:.1f}")
+            command = [sys.executable, "-P", "-c", GROWTH_CHILD, str(ROOT), str(home), str(args.commits)]
+            out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout.split()
+            if not out[0].startswith(str(code)):
+                raise RuntimeError(f"the child for {code} imported {out[0]}")
+            figures.append(f"{code.name} {float(out[-1]) * 1000:.1f}")
             built += args.commits
         print(f"  {target:>5} snapshots: " + ", ".join(figures) + f"; {uptime()}")
 
@@ -286,7 +294,8 @@ def report(m: Measured, peak_cgroup_mib: float, peak_rss_mib: float) -> None:
 
 def start_child(code: Path, exchange_name: str, home: Path, tag: str, profile: Path | None) -> Measured:
     env = k2_child_env(home, PYTHONPATH=str(code))
-    python = [sys.executable, *(["-m", "cProfile", "-o", str(profile)] if profile else [])]
+    # -P: no working directory (this tree) ahead of PYTHONPATH, so `-m` imports K2 from `code`.
+    python = [sys.executable, "-P", *(["-m", "cProfile", "-o", str(profile)] if profile else [])]
     child = Child([*python, "-m", "k2_assets.cli", "ingest", "--exchange", exchange_name], env)
     cgroup, memory = make_cgroups(tag)
     for group in (cgroup, memory):
@@ -305,8 +314,11 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
             home = tmp / f"k2-{i}"
             home.mkdir()
             shutil.copy(stack_home / "devstack.env", home / "devstack.env")
-            for name in rates:
-                seed_snapshots(home, name, args.snapshots)
+            if i == 0:
+                for name in rates:
+                    seed_snapshots(home, name, args.snapshots)
+            else:  # the same history: its catalog names the first home's files, which nobody rewrites
+                shutil.copy(homes[args.code[0]] / "catalog.db", home / "catalog.db")
             homes[code] = home
         producers = []
         for name, rate in rates.items():
@@ -377,7 +389,6 @@ def parse_args() -> argparse.Namespace:
         help="instead of the live run: CPU per commit at these snapshot counts, e.g. 50,360,1080",
     )
     parser.add_argument("--commits", type=int, default=10, help="commits measured per count (--growth)")
-    parser.add_argument("--commit-cost", type=Path, help=argparse.SUPPRESS)  # the --growth child
     args = parser.parse_args()
     args.code = [c.resolve() for c in (args.code or [Path(__file__).resolve().parents[1]])]
     return args
@@ -385,9 +396,6 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    if args.commit_cost:  # a --growth child: the median CPU seconds of its commits, on the last line
-        print(statistics.median(seed_snapshots(args.commit_cost, "binance", args.commits, rows=1_500)))
-        return
     print(
         f"bench_ingest_live, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {args.snapshots} snapshots first; {uptime()}"
     )
