@@ -85,6 +85,10 @@ log = logging.getLogger(__name__)
 # Consumer errors that mean "the broker is not there right now": retried until broker_timeout.
 TRANSIENT_ERRORS = {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._TIMED_OUT}
 GAP_ERRORS = {KafkaError.OFFSET_OUT_OF_RANGE, KafkaError._AUTO_OFFSET_RESET}
+# The broker answers a fetch once this many bytes are there, or after fetch.wait.max.ms (500): a live
+# topic at 150 records/s was fetched record by record, and librdkafka's broker threads took as much CPU
+# as all of ingestion's Python (bench/README.md, Bronze live cost). A backlog fills it at once.
+LIVE_FETCH_MIN_BYTES = 64 * 1024
 
 
 class FencedError(RuntimeError):
