@@ -25,12 +25,14 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyiceberg.catalog
 from confluent_kafka import (
     TIMESTAMP_NOT_AVAILABLE,
     Consumer,
@@ -60,8 +62,16 @@ from pyiceberg.table import (
 )
 from pyiceberg.table.metadata import TableMetadata
 from pyiceberg.table.snapshots import ancestors_of
+from pyiceberg.table.update import (
+    TableUpdate,
+    _apply_table_update,
+    _TableMetadataUpdateContext,
+    _update_table_metadata_log,
+    update_table_metadata,
+)
 from pyiceberg.table.update.snapshot import ManageSnapshots
 from pyiceberg.utils.config import Config
+from pyiceberg.utils.datetime import datetime_to_millis
 from pyiceberg.utils.properties import property_as_int
 
 from k2_assets.bronze.tables import OFFSETS_PROPERTY, OFFSETS_TAG, TOPIC_ID_PROPERTY
@@ -74,8 +84,11 @@ log = logging.getLogger(__name__)
 
 # Consumer errors that mean "the broker is not there right now": retried until broker_timeout.
 TRANSIENT_ERRORS = {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._TIMED_OUT}
-FLOWING_POLL_SECONDS = 0.02
 GAP_ERRORS = {KafkaError.OFFSET_OUT_OF_RANGE, KafkaError._AUTO_OFFSET_RESET}
+# The broker answers a fetch once this many bytes are there, or after fetch.wait.max.ms (500): a live
+# topic at 150 records/s was fetched record by record, and librdkafka's broker threads took as much CPU
+# as all of ingestion's Python (bench/README.md, Bronze live cost). A backlog fills it at once.
+LIVE_FETCH_MIN_BYTES = 64 * 1024
 
 
 class FencedError(RuntimeError):
@@ -297,13 +310,73 @@ def write_data_files(metadata: TableMetadata, rows: pa.Table, io: FileIO) -> lis
     return list(write_file(io=io, table_metadata=metadata, tasks=tasks))
 
 
+def staged_metadata(
+    base: TableMetadata, updates: tuple[TableUpdate, ...], metadata_location: str | None = None
+) -> TableMetadata:
+    """`base` with a transaction's staged `updates` applied: PyIceberg's `update_table_metadata` without
+    its closing deep copy.
+
+    That copy walks every snapshot of the table, so a Bronze commit's CPU grew with the snapshots the
+    table retains (~0.2 ms per snapshot per commit: 240 ms at 1,090, bench/README.md, Bronze live
+    cost). It guards against in-place changes that never happen: TableMetadata is a frozen model, and
+    every update builds new lists and dicts (`model_copy(update=...)`), so sharing the unchanged ones
+    with `base` is safe. The catalog's staging of a Bronze commit uses it too (`_catalog_staged_metadata`).
+    """
+    context, metadata = _TableMetadataUpdateContext(), base
+    for update in updates:
+        metadata = _apply_table_update(update, metadata, context)
+    if context.has_changes() and metadata_location:
+        metadata = _update_table_metadata_log(metadata, metadata_location, base.last_updated_ms)
+    if context.has_changes() and metadata.last_updated_ms == base.last_updated_ms:
+        now_ms = datetime_to_millis(datetime.now().astimezone())
+        metadata = metadata.model_copy(update={"last_updated_ms": now_ms})
+    metadata.spec().check_compatible(metadata.schema())
+    metadata.sort_order().check_compatible(metadata.schema())
+    return metadata
+
+
+_SHALLOW_CATALOG_STAGING: ContextVar[bool] = ContextVar("k2_bronze_shallow_staging", default=False)
+
+
+def _catalog_staged_metadata(
+    base_metadata: TableMetadata,
+    updates: tuple[TableUpdate, ...],
+    enforce_validation: bool = False,
+    metadata_location: str | None = None,
+) -> TableMetadata:
+    """The catalog's `update_table_metadata`, without the deep copy while a Bronze commit stages it.
+
+    A catalog that writes metadata.json itself (SQL, Hive, Glue) stages every commit through
+    `update_table_metadata`, whose closing deep copy of the freshly loaded metadata was half of what was
+    left of a Bronze commit's CPU at 1,090 snapshots. Only a Bronze commit in this context (thread or
+    task) skips it; every other caller, in this process or not, gets PyIceberg's own function unchanged.
+    """
+    if not _SHALLOW_CATALOG_STAGING.get() or enforce_validation:
+        return update_table_metadata(base_metadata, updates, enforce_validation, metadata_location)
+    return staged_metadata(base_metadata, updates, metadata_location)
+
+
+pyiceberg.catalog.update_table_metadata = _catalog_staged_metadata
+
+
+@contextmanager
+def shallow_catalog_staging() -> Iterator[None]:
+    """Within the block, this context's catalog commits stage metadata without a deep copy."""
+    token = _SHALLOW_CATALOG_STAGING.set(True)
+    try:
+        yield
+    finally:
+        _SHALLOW_CATALOG_STAGING.reset(token)
+
+
 class _StagedMetadataTransaction(Transaction):
-    """A PyIceberg transaction that builds its staged metadata once per staged change, not per read.
+    """A PyIceberg transaction whose staged metadata is built once per staged change, without a deep copy.
 
     PyIceberg 0.12's `Transaction.table_metadata` applies the staged updates to a deep copy of the
     whole table metadata on every read, and an append plus a tag reads it ~19 times. The metadata
     grows by a snapshot per commit, so commits grew slower the longer a table lived (14 -> 80 ms CPU
-    over 100 commits). Its models are frozen, so reads of the same staged state can share one copy.
+    over 100 commits). Its models are frozen, so reads of the same staged state share one result, and
+    that result shares the unchanged parts of the table's metadata (`staged_metadata`).
     """
 
     _staged: tuple[TableMetadata, tuple, TableMetadata] | None = None
@@ -312,7 +385,7 @@ class _StagedMetadataTransaction(Transaction):
     def table_metadata(self) -> TableMetadata:
         base, updates = self._table.metadata, self._updates
         if self._staged is None or self._staged[0] is not base or self._staged[1] is not updates:
-            self._staged = (base, updates, super().table_metadata)
+            self._staged = (base, updates, staged_metadata(base, updates))
         return self._staged[2]
 
 
@@ -367,7 +440,7 @@ class BronzeCommitter:
 
     def _commit_once(self, files: list, properties: dict[str, str]) -> int:
         """One append + tag commit; the transaction leaves `self.table` at the metadata it committed."""
-        with _StagedMetadataTransaction(self.table) as tx:
+        with shallow_catalog_staging(), _StagedMetadataTransaction(self.table) as tx:
             with tx.update_snapshot(snapshot_properties=properties).fast_append() as append:
                 for data_file in files:
                     append.append_data_file(data_file)
@@ -379,8 +452,17 @@ class BronzeCommitter:
 
 
 @dataclass
+class _Fresh:
+    """The records of one `consume()` result that Bronze has not got yet, in the order they came."""
+
+    messages: list[Message] = field(default_factory=list)
+    partitions: list[int] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+
+
+@dataclass
 class _Batch:
-    """The records read since the last commit: one Arrow record batch per run of consumed messages.
+    """The records read since the last commit: one Arrow record batch per `consume()` result.
 
     Columns are built per `consume()` result (a list comprehension per Kafka field, `pa.array` in C)
     rather than record by record: six list appends, two dict updates and a call per message were most
@@ -585,7 +667,6 @@ class TopicIngestion:
         settings, started = self.settings, time.monotonic()
         batch, batch_started, broker_down_since = _Batch(), time.monotonic(), None
         partitions_checked = time.monotonic()
-        flowing = False
         while True:
             if settings.drain and self._drained():
                 self.summary.stop_reason = "drained"
@@ -601,11 +682,9 @@ class TopicIngestion:
                 self._pick_up_new_partitions()
                 partitions_checked = time.monotonic()
             wanted = max(1, min(10_000, settings.max_batch_records - len(batch)))
-            # consume() waits its whole timeout unless `wanted` records are queued: wait briefly while
-            # records flow, and the full poll timeout only when the topic is idle.
-            timeout = FLOWING_POLL_SECONDS if flowing else settings.poll_timeout_seconds
+            commit_due_in = settings.commit_interval_seconds - (time.monotonic() - batch_started)
+            timeout = min(settings.poll_timeout_seconds, max(0.0, commit_due_in))
             messages = self.consumer.consume(num_messages=wanted, timeout=timeout)
-            flowing = bool(messages)
             broker_down_since = self._absorb(messages, batch, broker_down_since)
             full = len(batch) >= settings.max_batch_records
             due = time.monotonic() - batch_started >= settings.commit_interval_seconds
@@ -616,18 +695,23 @@ class TopicIngestion:
     def _absorb(self, messages: list[Message], batch: _Batch, down_since: float | None) -> float | None:
         """Add good messages to the batch; classify errors. Returns when the broker was first seen down.
 
-        Messages are taken in order: each run of good ones between two errors goes to `_accept` at once.
+        Messages are taken in order: each run of good ones between two errors goes to `_accept` at once,
+        and what they leave to keep goes to the batch as one chunk. A live topic ends nearly every run
+        with a partition-EOF event, and a chunk per run cost ~240 us of Arrow calls each, three times per
+        `consume()` (bench/README.md, Bronze live cost).
         """
         errors = [m.error() for m in messages]
         failed = [i for i, err in enumerate(errors) if err is not None]
-        start = 0
+        start, fresh = 0, _Fresh()
         for i in [*failed, len(messages)]:
             if i > start:
-                self._accept(messages[start:i], batch)
+                self._accept(messages[start:i], fresh)
                 down_since = None
             if i < len(messages):
                 down_since = self._on_error(messages[i], errors[i], down_since)
             start = i + 1
+        if fresh.messages:
+            batch.add(fresh.messages, fresh.partitions, fresh.offsets)
         if (
             not messages
             and down_since is not None
@@ -669,7 +753,7 @@ class TopicIngestion:
             return down_since
         raise KafkaException(err)
 
-    def _accept(self, messages: list[Message], batch: _Batch) -> None:
+    def _accept(self, messages: list[Message], taken: _Fresh) -> None:
         """Take the records Bronze has not got yet; an offset jump is a marker or compaction, not loss."""
         partitions = [m.partition() for m in messages]
         offsets = [m.offset() for m in messages]
@@ -685,8 +769,9 @@ class TopicIngestion:
             messages = [messages[i] for i in fresh]
             partitions = [partitions[i] for i in fresh]
             offsets = [offsets[i] for i in fresh]
-        if messages:
-            batch.add(messages, partitions, offsets)
+        taken.messages += messages
+        taken.partitions += partitions
+        taken.offsets += offsets
 
     def _commit(self, batch: _Batch) -> None:
         started = time.monotonic()

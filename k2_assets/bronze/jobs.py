@@ -12,7 +12,12 @@ from pyiceberg.table import Table
 from pyiceberg.table.snapshots import ancestors_of
 
 from k2_assets.bronze.assets import bronze_asset_key
-from k2_assets.bronze.ingestion import BronzeIngestionConfig, CommitReport, TopicIngestion
+from k2_assets.bronze.ingestion import (
+    LIVE_FETCH_MIN_BYTES,
+    BronzeIngestionConfig,
+    CommitReport,
+    TopicIngestion,
+)
 from k2_assets.bronze.tables import bronze_table_spec
 from k2_assets.tunables import Tunables
 from k2_resources.exchanges import EXCHANGES, ExchangeConfig
@@ -57,7 +62,9 @@ def build_ingestion_job(exchange: ExchangeConfig) -> dg.JobDefinition:
         settings = config.settings(exchange)
         table = iceberg.ensure_table(table_spec)
         kafka.wait_until_reachable(settings.broker_timeout_seconds)
-        consumer = kafka.consumer(exchange.consumer_group)
+        # A fetch.min.bytes set by configuration (K2_KAFKA__FETCH_MIN_BYTES) wins.
+        fetch = {} if "fetch.min.bytes" in kafka.client_config else {"fetch.min.bytes": LIVE_FETCH_MIN_BYTES}
+        consumer = kafka.consumer(exchange.consumer_group, **fetch)
 
         def report(commit: CommitReport) -> None:
             context.log_event(dg.AssetMaterialization(asset_key=asset_key, metadata=commit.metadata()))
