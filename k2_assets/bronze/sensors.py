@@ -42,7 +42,7 @@ FINISHED_STATUSES = [dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, d
 # Errors of k2_assets/bronze/ingestion.py that retrying cannot fix, by class name.
 NEEDS_A_PERSON = frozenset({"FencedError", "KafkaGapError"})
 BACKOFF_BASE_SECONDS = 30.0
-# Each tick is a gRPC evaluation (daemon + code server CPU) and a run lives up to an hour, so nearly every
+# Each tick is a gRPC evaluation (daemon + code server CPU) and a run lives up to four hours, so nearly every
 # tick only finds the run alive. Worst case, a run that ended is replaced ~60 s later (+ the queue's
 # dequeue interval and the run's start): ~60 s more of Bronze lag, caught up by the next run.
 INGESTION_SENSOR_SECONDS = 60
