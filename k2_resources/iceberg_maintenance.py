@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
@@ -50,10 +50,32 @@ DEFAULT_ORPHAN_MIN_AGE_MINUTES = 60.0
 # a snapshot it pinned never loses a file under it; the floor bounds the runs K2 supports.
 DEFAULT_SNAPSHOT_MAX_AGE_HOURS = 6.0
 MIN_SNAPSHOT_AGE_HOURS = 1.0
+# Iceberg's own table property for that age (its expire_snapshots' default): a table that declares it
+# keeps snapshots that long unless a run's config says otherwise.
+SNAPSHOT_MAX_AGE_PROPERTY = "history.expire.max-snapshot-age-ms"
+MILLIS_PER_HOUR = 3_600_000
 
 
 class MaintenanceConfigError(ValueError):
     """A maintenance setting that would lose data or corrupt a table; the message names it."""
+
+
+def snapshot_max_age_hours(configured: float | None, table_properties: Mapping[str, str]) -> float:
+    """The run's setting, else the table's SNAPSHOT_MAX_AGE_PROPERTY, else DEFAULT_SNAPSHOT_MAX_AGE_HOURS.
+
+    A property below the floor is refused naming the property (a run's setting is refused by its
+    config's bounds)."""
+    if configured is not None:
+        return configured
+    if SNAPSHOT_MAX_AGE_PROPERTY not in table_properties:
+        return DEFAULT_SNAPSHOT_MAX_AGE_HOURS
+    hours = int(table_properties[SNAPSHOT_MAX_AGE_PROPERTY]) / MILLIS_PER_HOUR
+    if hours < MIN_SNAPSHOT_AGE_HOURS:
+        raise MaintenanceConfigError(
+            f"The table property {SNAPSHOT_MAX_AGE_PROPERTY} must be at least {MIN_SNAPSHOT_AGE_HOURS:g} hour(s), "
+            f"not {hours:g}: a run still reading a younger snapshot would lose its files."
+        )
+    return hours
 
 
 @dataclass(frozen=True)

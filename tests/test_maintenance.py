@@ -17,15 +17,22 @@ from pyiceberg.manifest import ManifestFile
 
 import k2_resources.iceberg_maintenance as maintenance
 from k2_assets.bronze.ingestion import FencedError, read_stored_offsets
-from k2_assets.bronze.jobs import apply_bronze_retention
+from k2_assets.bronze.jobs import BronzeRetentionConfig, apply_bronze_retention
 from k2_assets.bronze.tables import OFFSETS_TAG
+from k2_assets.maintenance.jobs import MaintenanceConfig
+from k2_assets.silver.tables import silver_table_spec
 from k2_resources.iceberg_maintenance import (
+    DEFAULT_SNAPSHOT_MAX_AGE_HOURS,
+    MIN_SNAPSHOT_AGE_HOURS,
+    SNAPSHOT_MAX_AGE_PROPERTY,
+    MaintenanceConfigError,
     MaintenancePolicy,
     expire_snapshots,
     reclaim_storage,
     referenced_files,
 )
 from tests.maintenance_helpers import (
+    BINANCE,
     BRONZE_SPEC,
     CommitterThread,
     OffsetCommitter,
@@ -219,6 +226,31 @@ def test_destructive_retention_config_is_refused_naming_the_setting(
     table = catalog.load_table(BRONZE_SPEC)
     assert table.scan().count() == 20
     assert len(table.metadata.snapshots) == snapshots
+
+
+def test_snapshot_age_is_the_tables_unless_a_run_sets_it(home: Path) -> None:
+    """Bronze declares Iceberg's own max-snapshot-age property at the floor (each commit rewrites
+    metadata that grows with every snapshot kept); a table without it keeps the default; a run's
+    setting wins; a property under the floor is refused naming the property."""
+    catalog = sqlite_catalog(home)
+    commit_batches(catalog, 2, 10)
+    bronze = catalog.load_table(BRONZE_SPEC)
+    assert bronze.properties[SNAPSHOT_MAX_AGE_PROPERTY] == "3600000"
+    assert (
+        BronzeRetentionConfig().policy(BINANCE, bronze).snapshot_max_age_hours == MIN_SNAPSHOT_AGE_HOURS == 1
+    )
+    assert MaintenanceConfig().policy(bronze).snapshot_max_age_hours == 1
+    assert MaintenanceConfig(snapshot_max_age_hours=3).policy(bronze).snapshot_max_age_hours == 3
+    assert BronzeRetentionConfig(snapshot_max_age_hours=3).policy(BINANCE, bronze).snapshot_max_age_hours == 3
+    silver = catalog.ensure_table(silver_table_spec(BINANCE))
+    assert SNAPSHOT_MAX_AGE_PROPERTY not in silver.properties
+    assert MaintenanceConfig().policy(silver).snapshot_max_age_hours == DEFAULT_SNAPSHOT_MAX_AGE_HOURS == 6
+    with bronze.transaction() as tx:
+        tx.set_properties({SNAPSHOT_MAX_AGE_PROPERTY: "1800000"})  # half an hour
+    with pytest.raises(
+        MaintenanceConfigError, match=f"property {SNAPSHOT_MAX_AGE_PROPERTY} must be at least 1"
+    ):
+        MaintenanceConfig().policy(catalog.load_table(BRONZE_SPEC))
 
 
 def test_committer_is_not_fenced_by_retention_beside_it(home: Path) -> None:

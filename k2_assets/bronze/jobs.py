@@ -27,10 +27,12 @@ from k2_resources.iceberg_maintenance import (
     DEFAULT_SNAPSHOT_MAX_AGE_HOURS,
     MIN_ORPHAN_AGE_MINUTES,
     MIN_SNAPSHOT_AGE_HOURS,
+    SNAPSHOT_MAX_AGE_PROPERTY,
     MaintenanceConfigError,
     MaintenancePolicy,
     reclaim_storage,
     retry_on_conflict,
+    snapshot_max_age_hours,
 )
 from k2_resources.kafka import KafkaResource, close_consumer
 
@@ -110,11 +112,12 @@ class BronzeRetentionConfig(Tunables):
     retention_days: int | None = Field(
         None, ge=1, description="Rows kept (whole days). Default: the exchange's Bronze retention."
     )
-    snapshot_max_age_hours: float = Field(
-        DEFAULT_SNAPSHOT_MAX_AGE_HOURS,
+    snapshot_max_age_hours: float | None = Field(
+        None,
         ge=MIN_SNAPSHOT_AGE_HOURS,
         description="Expire snapshots superseded this long ago (hours): a run still reading a younger one "
-        "would lose its files. The offsets tag's snapshot never expires.",
+        f"would lose its files. Default: the table's {SNAPSHOT_MAX_AGE_PROPERTY} property, else "
+        f"{DEFAULT_SNAPSHOT_MAX_AGE_HOURS:g}. The offsets tag's snapshot never expires.",
     )
     orphan_min_age_minutes: float = Field(
         DEFAULT_ORPHAN_MIN_AGE_MINUTES,
@@ -123,10 +126,11 @@ class BronzeRetentionConfig(Tunables):
         "could be younger, and deleting its files would corrupt the table when it commits.",
     )
 
-    def policy(self, exchange: ExchangeConfig) -> MaintenancePolicy:
+    def policy(self, exchange: ExchangeConfig, table: Table) -> MaintenancePolicy:
         """The validated policy: refuses settings that would lose rows or delete files in flight."""
         days = self.retention_days if self.retention_days is not None else exchange.retention_days
-        return MaintenancePolicy(days, self.snapshot_max_age_hours, self.orphan_min_age_minutes).validate()
+        snapshot_age = snapshot_max_age_hours(self.snapshot_max_age_hours, table.properties)
+        return MaintenancePolicy(days, snapshot_age, self.orphan_min_age_minutes).validate()
 
 
 def apply_bronze_retention(table: Table, policy: MaintenancePolicy, now: datetime) -> dict[str, int | float]:
@@ -169,8 +173,8 @@ def build_retention_job(exchange: ExchangeConfig) -> dg.JobDefinition:
     def apply_retention(
         context: dg.OpExecutionContext, config: BronzeRetentionConfig, iceberg: IcebergCatalogResource
     ) -> None:
-        policy = config.policy(exchange)
         table = iceberg.ensure_table(table_spec)
+        policy = config.policy(exchange, table)
         metadata = apply_bronze_retention(table, policy, datetime.now(UTC))
         context.log_event(
             dg.AssetMaterialization(

@@ -32,8 +32,10 @@ from k2_resources.iceberg import IcebergCatalogResource
 from k2_resources.iceberg_maintenance import (
     DEFAULT_SNAPSHOT_MAX_AGE_HOURS,
     MIN_SNAPSHOT_AGE_HOURS,
+    SNAPSHOT_MAX_AGE_PROPERTY,
     MaintenanceConfigError,
     MaintenancePolicy,
+    snapshot_max_age_hours,
 )
 from k2_resources.spark import IcebergSparkResource
 
@@ -43,8 +45,8 @@ RETENTION_PROPERTY = "k2.retention-days"
 SPARK_MIN_ORPHAN_AGE_MINUTES = 24 * 60.0
 # Every table is maintained by one run every 3 hours. Most of a pass's CPU is starting Spark's driver
 # (bench/README.md, "Live cost"): one run for all tables starts it once per pass, not once per table.
-# Snapshots younger than snapshot_max_age_hours (6) are kept whatever the cadence, so Bronze, which
-# commits every 10-30 s, holds at most half as many again as with hourly passes.
+# Snapshots superseded less than snapshot_max_age_hours ago are kept whatever the cadence; Bronze, which
+# commits every 10-30 s, declares 1 hour (bronze/tables.py), so it holds 1 to 4 hours of commits.
 MAINTENANCE_CRON = "15 */3 * * *"
 # Longer than any pass should take, shorter than the schedule's period: a hung run ends before the next.
 MAINTENANCE_MAX_RUNTIME_SECONDS = 170 * 60
@@ -63,11 +65,12 @@ class MaintenanceConfig(Tunables):
 
     bounds_error: ClassVar[type[ValueError]] = MaintenanceConfigError
 
-    snapshot_max_age_hours: float = Field(
-        DEFAULT_SNAPSHOT_MAX_AGE_HOURS,
+    snapshot_max_age_hours: float | None = Field(
+        None,
         ge=MIN_SNAPSHOT_AGE_HOURS,
         description="Expire snapshots superseded this long ago (hours): a run still reading a younger one "
-        "would lose its files. Branch and tag heads (Bronze's offsets) never expire.",
+        f"would lose its files. Default: the table's {SNAPSHOT_MAX_AGE_PROPERTY} property, else "
+        f"{DEFAULT_SNAPSHOT_MAX_AGE_HOURS:g}. Branch and tag heads (Bronze's offsets) never expire.",
     )
     orphan_min_age_minutes: float = Field(
         SPARK_MIN_ORPHAN_AGE_MINUTES,
@@ -88,7 +91,8 @@ class MaintenanceConfig(Tunables):
         days = self.retention_days
         if days is None and RETENTION_PROPERTY in table.properties:
             days = int(table.properties[RETENTION_PROPERTY])
-        return MaintenancePolicy(days, self.snapshot_max_age_hours, self.orphan_min_age_minutes).validate()
+        snapshot_age = snapshot_max_age_hours(self.snapshot_max_age_hours, table.properties)
+        return MaintenancePolicy(days, snapshot_age, self.orphan_min_age_minutes).validate()
 
 
 def maintenance_asset_key(target: MaintenanceTarget) -> dg.AssetKey:
