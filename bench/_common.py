@@ -174,6 +174,21 @@ class Child:
         return text
 
 
+def thread_cpu_seconds(pid: int | str = "self") -> dict[int, tuple[str, float]]:
+    """User + system CPU seconds of each live thread of a process, by thread id: (thread name, seconds),
+    from /proc/<pid>/task/*/stat. A thread that exits while it is read is left out."""
+    ticks, threads = os.sysconf("SC_CLK_TCK"), {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError, ValueError):
+            stat = (task / "stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            threads[int(task.name)] = (
+                stat[stat.index("(") + 1 : stat.rindex(")")],
+                (int(fields[11]) + int(fields[12])) / ticks,
+            )
+    return threads
+
+
 def run_child(args: list[str], env: Mapping[str, str], timeout: float) -> ChildResult:
     return Child(args, env).wait(timeout)
 

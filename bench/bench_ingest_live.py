@@ -48,7 +48,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from confluent_kafka import Producer  # noqa: E402
 
-from bench._common import MIB, Child, FramedTrade, framed_trades, k2_child_env, private_stack  # noqa: E402
+from bench._common import (  # noqa: E402
+    MIB,
+    Child,
+    FramedTrade,
+    framed_trades,
+    k2_child_env,
+    private_stack,
+    thread_cpu_seconds,
+)
 from bench.bench_live_cost import cpu_usec, make_cgroups, remove_cgroups  # noqa: E402
 
 SAMPLE_SECONDS = 1.0
@@ -127,16 +135,10 @@ class Measured:
 
 def thread_cpu(pid: int) -> dict[str, float]:
     """User + system CPU seconds per thread name of a live process (threads of one name summed)."""
-    ticks = os.sysconf("SC_CLK_TCK")
     per_name: dict[str, float] = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError):
-            stat = (task / "stat").read_text()
-            name = stat[stat.index("(") + 1 : stat.rindex(")")]
-            fields = stat[stat.rindex(")") + 2 :].split()
-            seconds = (int(fields[11]) + int(fields[12])) / ticks
-            kind = "main" if task.name == str(pid) else name.split(":")[0] + ":" + name.split(":")[-1][:6]
-            per_name[kind] = per_name.get(kind, 0.0) + seconds
+    for tid, (name, seconds) in thread_cpu_seconds(pid).items():
+        kind = "main" if tid == pid else name.split(":")[0] + ":" + name.split(":")[-1][:6]
+        per_name[kind] = per_name.get(kind, 0.0) + seconds
     return per_name
 
 

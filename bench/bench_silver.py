@@ -25,6 +25,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench._common import thread_cpu_seconds  # noqa: E402
 
 
 def decode_bench_module():
@@ -58,18 +61,12 @@ class ThreadCpu:
     def __init__(self, interval: float = 0.05) -> None:
         self.interval, self.seen, self.names = interval, {}, {}
         self.stop = threading.Event()
-        self.tick = os.sysconf("SC_CLK_TCK")
         self.sampler = threading.Thread(target=self._run, name="k2-bench-cpu-sampler", daemon=True)
 
     def _sample(self) -> None:
         names = {t.native_id: t.name for t in threading.enumerate()}
-        for task in Path("/proc/self/task").iterdir():
-            try:
-                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            tid = int(task.name)
-            self.seen[tid] = (int(fields[11]) + int(fields[12])) / self.tick
+        for tid, (_, seconds) in thread_cpu_seconds().items():
+            self.seen[tid] = seconds
             if tid in names or tid not in self.names:  # a Python thread can show up here before it is named
                 self.names[tid] = names.get(tid, NATIVE_THREADS)
 
