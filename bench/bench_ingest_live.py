@@ -154,11 +154,11 @@ def catalog_of(home: Path):
     )
 
 
-def seed_rows(schema, count: int):
-    """`count` Bronze rows of the seed topic (160-byte values), all in today's partition."""
+def seed_rows(schema, count: int, at: datetime | None = None):
+    """`count` Bronze rows of the seed topic (160-byte values), ingested `at` (default: now)."""
     import pyarrow as pa
 
-    now = datetime.now(UTC)
+    now = at or datetime.now(UTC)
     values = {
         "raw_bytes": b"s" * 160,
         "message_key": b"BTCUSDT",
@@ -172,8 +172,11 @@ def seed_rows(schema, count: int):
     return pa.table({f.name: pa.array([values[f.name]] * count, f.type) for f in schema}, schema=schema)
 
 
-def seed_snapshots(home: Path, exchange_name: str, count: int, rows: int = 1) -> list[float]:
-    """`count` Bronze commits of `rows` rows (offsets at 0 for every partition): a table with a history.
+def seed_snapshots(
+    home: Path, exchange_name: str, count: int, rows: int = 1, at: datetime | None = None
+) -> list[float]:
+    """`count` Bronze commits of `rows` rows ingested `at` (offsets at 0 for every partition): a table
+    with a history.
 
     Returns each commit's CPU seconds (this process).
     """
@@ -184,7 +187,7 @@ def seed_snapshots(home: Path, exchange_name: str, count: int, rows: int = 1) ->
     config = exchange(exchange_name)
     (home / "warehouse").mkdir(parents=True, exist_ok=True)
     table = catalog_of(home).ensure_table(bronze_table_spec(config))
-    batch = seed_rows(table.schema().as_arrow(), rows)
+    batch = seed_rows(table.schema().as_arrow(), rows, at)
     committer = BronzeCommitter(table, {}, "k2-bench-seed")
     cpu = []
     for _ in range(count):

@@ -22,6 +22,7 @@ Kafka's high watermarks minus the offsets Bronze's last commit stored, summed ov
 
     .venv/bin/python bench/bench_live_cost.py --minutes 16
     .venv/bin/python bench/bench_live_cost.py --minutes 5 --code /work/ref-live   # another checkout
+    .venv/bin/python bench/bench_live_cost.py --bronze-snapshots binance=2340,kraken=780  # long-lived tables
 
 Two instances may run at once (a baseline checkout and the working tree, same window): each has its own
 cgroups (named by pid), K2_HOME, dev stack, webserver port and code-server port.
@@ -311,6 +312,8 @@ def child_cpu(top: Path) -> dict[str, float]:
 def print_report(report: dict) -> None:
     wall, cpu = report["window_seconds"], report["cpu_seconds"]
     print(f"\n== K2 live cost, {wall / 60:.1f} min, code {report['code']} ==")
+    if report.get("bronze_snapshots_seeded"):
+        print(f"Bronze seeded with snapshots first: {report['bronze_snapshots_seeded']}")
     print(f"CPU: {cpu:.1f} s = {100 * cpu / wall:.1f} % of one core (cgroup cpu.stat, whole tree)")
     steady = report["steady"]
     if steady:
@@ -346,6 +349,23 @@ def print_report(report: dict) -> None:
         )
 
 
+def seed_history(home: Path, snapshots: dict[str, int]) -> None:
+    """Bronze tables that already keep `snapshots` snapshots per exchange, as a long-running deployment's
+    do (each Bronze commit's cost grows with them; a fresh dev stack starts at none). One-row commits
+    ingested a day ago: the running hour's Silver and Gold never read them."""
+    from bench.bench_ingest_live import seed_snapshots
+
+    for name, count in snapshots.items():
+        started = time.monotonic()
+        seed_snapshots(home, name, count, at=datetime.now(UTC) - timedelta(days=1))
+        print(f"seeded {count} Bronze {name} snapshots in {time.monotonic() - started:.0f} s", flush=True)
+
+
+def snapshot_counts(text: str) -> dict[str, int]:
+    """`binance=2340,kraken=780` -> {"binance": 2340, "kraken": 780}."""
+    return {name: int(count) for name, count in (part.split("=") for part in text.split(",") if part)}
+
+
 def measure(args: argparse.Namespace) -> dict:
     from k2_resources.dev.devstack.kafka import free_ports
     from k2_resources.iceberg import IcebergCatalogResource
@@ -367,6 +387,9 @@ def measure(args: argparse.Namespace) -> dict:
             cwd=code,
         ).stdout.strip()
         print(f"children import k2_assets from {where}")
+        seed_history(home, args.bronze_snapshots)
+        if args.start_at:  # two instances seeding different histories still measure the same window
+            time.sleep(max(0.0, args.start_at - time.time()))
         producers = start_producers(env, {"binance": args.binance_rate, "kraken": args.kraken_rate}, logs)
         top, memory = make_cgroups(tag)
         watcher = Watcher(top, memory)
@@ -442,6 +465,7 @@ def measure(args: argparse.Namespace) -> dict:
         "gold_lag": gold_lag,
         "bronze_lag": bronze_lag,
         "k2_home": str(home),
+        "bronze_snapshots_seeded": args.bronze_snapshots,
     }
 
 
@@ -457,6 +481,13 @@ def main() -> int:
     parser.add_argument("--sample-seconds", type=float, default=30.0)
     parser.add_argument("--steady-after", type=float, default=180.0, help="also report CPU after this many s")
     parser.add_argument("--output", type=Path, help="write the whole report as JSON here")
+    parser.add_argument(
+        "--bronze-snapshots",
+        type=snapshot_counts,
+        default={},
+        help="seed Bronze with this many snapshots first, e.g. binance=2340,kraken=780 (a long-lived table)",
+    )
+    parser.add_argument("--start-at", type=float, default=0.0, help="start k2 dev at this Unix time")
     args = parser.parse_args()
     report = measure(args)
     print_report(report)

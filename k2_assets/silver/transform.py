@@ -97,9 +97,6 @@ __all__ = [
 ]
 
 SILVER_ARROW_SCHEMA: pa.Schema = SILVER_SCHEMA.as_arrow()
-_MISSING = object()
-Item = TypeVar("Item")
-Result = TypeVar("Result")
 DLQ_ARROW_SCHEMA: pa.Schema = DLQ_SCHEMA.as_arrow()
 V2_ARROW_SCHEMA: pa.Schema = v2_arrow_schema()
 # A decoded record's V2 values in V2 order, and where silver_values converts them to Silver's types.
@@ -115,6 +112,8 @@ MAX_ERROR_DETAIL = 300  # fastavro puts whole schemas in some messages; a DLQ ro
 
 
 # --- Writer schemas -----------------------------------------------------------------------------------
+
+_MISSING = object()  # a cache miss, told apart from a cached None
 
 
 @dataclass(frozen=True)
@@ -652,6 +651,10 @@ def transform_batches(
         return
     avro_source_class()  # imported here, once, not by two workers at the same moment
     yield from ordered_map(transform_one, batches, workers, "k2-silver-transform")
+
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
 
 
 def ordered_map(
