@@ -9,6 +9,7 @@ checked against what the server sent, Gold holding each trade once.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -300,6 +301,45 @@ def test_malformed_and_unknown_messages_are_counted_and_skipped(name: str) -> No
     assert (stats.malformed, stats.unknown) == (3, 1)
     assert feed.reports[-1]["malformed_messages"] == 3
     assert_exactly_what_was_sent(name, feed, server)
+
+
+class BusySocket:
+    """A socket that always has a frame ready, as under load; closed, its reads fail."""
+
+    closed = False
+
+    async def recv(self) -> str:
+        await asyncio.sleep(0)
+        if self.closed:
+            raise ConnectionError("closed")
+        return "{}"
+
+
+def test_cancelling_a_feed_under_load_always_stops_it() -> None:
+    """Ctrl-C reaches the feed as the cancellation of asyncio.run's task. With frames always ready the
+    cancellation must still end the read loop every time (Python 3.11's wait_for dropped it when it
+    landed while a frame was ready, and `k2 feed` ignored Ctrl-C in CI)."""
+    client = FeedClient(exchange("binance"), FeedSettings(url="ws://unused", symbols=BINANCE_SYMBOLS), list)
+    socket = BusySocket()
+
+    async def read_forever() -> None:
+        far = time.monotonic() + 3600
+        while True:
+            await client._recv(socket, far, far)
+
+    async def cancel_many() -> int:
+        ignored = 0
+        for attempt in range(100):
+            task = asyncio.ensure_future(read_forever())
+            for _ in range(attempt % 7 + 1):  # cancel at every point of the read cycle
+                await asyncio.sleep(0)
+            task.cancel()
+            done, _ = await asyncio.wait([task], timeout=1)
+            ignored += not done
+        socket.closed = True  # ends whatever ignored its cancellation
+        return ignored
+
+    assert asyncio.run(cancel_many()) == 0
 
 
 def test_kraken_refusing_a_symbol_fails_naming_the_setting() -> None:

@@ -482,7 +482,10 @@ class FeedClient:
             if now >= ping_at:
                 return None
             try:
-                return await asyncio.wait_for(ws.recv(), timeout=min(0.5, dead_at - now, ping_at - now))
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for returns a frame that was ready when
+                # the task was cancelled and drops the cancellation, so Ctrl-C was lost under load.
+                async with asyncio.timeout(min(0.5, dead_at - now, ping_at - now)):
+                    return await ws.recv()
             except TimeoutError:
                 self._check_stop()
                 self._maybe_report()
