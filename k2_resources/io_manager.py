@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pyiceberg.exceptions import CommitFailedException, ValidationException
 from pyiceberg.expressions import AlwaysTrue, And, BooleanExpression, EqualTo, GreaterThanOrEqual, LessThan
+from pyiceberg.expressions.visitors import _StrictMetricsEvaluator
 from pyiceberg.io import OutputFile
 from pyiceberg.io.fileformat import FileFormatFactory, FileFormatWriter
 from pyiceberg.io.pyarrow import (
@@ -86,7 +87,9 @@ class RowScope:
 
     def outside(self, spec: TableSpec, batch: pa.RecordBatch | pa.Table) -> int:
         """How many rows of `batch` lie outside the scope (they must be zero before writing)."""
-        inside = pa.array([True] * batch.num_rows)
+        # Built by Arrow, not from a Python list of n booleans: that list cost 5 ms per 100K-row batch,
+        # as much as the checks themselves (bench/README.md, "Silver, session 9").
+        inside = pa.repeat(pa.scalar(True), batch.num_rows)
         if self.start is not None and self.end is not None:
             column = batch.column(spec.time_column)
             lo, hi = _arrow_scalar(column.type, self.start), _arrow_scalar(column.type, self.end)
@@ -446,11 +449,22 @@ def stream_scan(scan: DataScan) -> Iterator[pa.RecordBatch]:
     keeps each file's batches until the consumer reaches them, so a slow consumer ends up holding the
     whole scan (measured: Silver +230 MB per extra 900K Bronze rows). Reading file by file bounds
     memory by one data file, which K2's writers keep to a chunk.
+
+    A file whose column statistics prove that every row matches the scan's filter (Iceberg's strict
+    metrics evaluation, as PyIceberg's own delete uses to drop whole files) is read without it:
+    PyArrow would evaluate the filter on every batch and copy every column through it, raw Kafka
+    values included (0.1-0.14 of Silver's 0.5 CPU-s per 1M Bronze rows, bench/README.md, "Silver,
+    session 9"). Its rows are the same either way; deletes are applied as before.
     """
     projection = scan.projection()
-    reader = ArrowScan(scan.table_metadata, scan.io, projection, scan.row_filter, scan.case_sensitive)
+    filtered = ArrowScan(scan.table_metadata, scan.io, projection, scan.row_filter, scan.case_sensitive)
+    unfiltered = ArrowScan(scan.table_metadata, scan.io, projection, AlwaysTrue(), scan.case_sensitive)
+    all_rows_match = _StrictMetricsEvaluator(
+        scan.table_metadata.schema(), scan.row_filter, scan.case_sensitive
+    ).eval
     target = schema_to_pyarrow(projection)
     for task in scan.plan_files():
+        reader = unfiltered if all_rows_match(task.file) else filtered
         for batch in reader.to_record_batches([task]):
             yield batch if batch.schema == target else batch.cast(target)
 

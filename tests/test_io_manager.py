@@ -10,12 +10,13 @@ import dagster as dg
 import pandas as pd
 import pyarrow as pa
 import pytest
+from pyiceberg.expressions import EqualTo
 
 from k2_assets.partitions import hourly_partitions
 from k2_assets.resources import IcebergTablesIOManager
 from k2_assets.silver.tables import DLQ_TABLE_SPEC
 from k2_resources.iceberg import IcebergCatalogResource
-from k2_resources.io_manager import IcebergStream, conform
+from k2_resources.io_manager import IcebergStream, RowScope, conform, read_scope, stream_scan
 
 HOUR = "2026-11-20-07:00"
 
@@ -101,3 +102,36 @@ def test_rows_outside_the_partition_are_refused_before_anything_is_written(resou
     assert "fall outside the scope being replaced" in failure.step_failure_data.error.to_string()
     table = resources["iceberg"].ensure_table(DLQ_TABLE_SPEC)
     assert table.current_snapshot() is None
+
+
+def test_a_scan_streams_exactly_its_rows_whether_or_not_a_file_is_proven_inside(tmp_path: Path) -> None:
+    """stream_scan skips PyArrow's row filter only for files whose statistics prove every row inside:
+    one file wholly in the window, one straddling it, one outside, one with a row deleted since."""
+    catalog = IcebergCatalogResource(
+        properties={"type": "sql", "uri": f"sqlite:///{tmp_path}/c.db", "warehouse": f"file://{tmp_path}"}
+    )
+    table = catalog.ensure_table(DLQ_TABLE_SPEC)
+    hour = datetime(2026, 11, 20, 7, tzinfo=UTC)
+    files = {
+        "inside": [hour.replace(minute=m) for m in (0, 30, 59)],
+        "straddling": [hour.replace(hour=6, minute=59), hour.replace(minute=1), hour.replace(hour=8)],
+        "outside": [hour.replace(hour=9, minute=m) for m in (0, 1)],
+        "deleted from": [hour.replace(minute=m) for m in (10, 11, 12)],
+    }
+    offset = 0
+    for times in files.values():
+        rows = dlq_rows(hour, len(times))
+        rows["bronze_ingestion_timestamp"] = times
+        rows["offset"] = list(range(offset, offset + len(times)))
+        rows["dlq_date"] = [t.date() for t in times]
+        offset += len(times)
+        table.append(conform(pa.Table.from_pandas(rows, preserve_index=False), table.schema().as_arrow()))
+    table.delete(EqualTo("offset", 9))
+    stream = read_scope(table, DLQ_TABLE_SPEC, RowScope(hour, hour.replace(hour=8)))
+
+    streamed = pa.concat_tables(pa.Table.from_batches([b]) for b in stream_scan(stream.scan()))
+    expected = stream.scan().to_arrow()
+
+    assert sorted(streamed.column("offset").to_pylist()) == sorted(expected.column("offset").to_pylist())
+    assert sorted(streamed.column("offset").to_pylist()) == [0, 1, 2, 4, 8, 10]
+    assert streamed.schema == expected.schema

@@ -9,6 +9,8 @@ the valid ones are decoded columnar (arrow-avro) rather than one by one.
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 from decimal import Decimal
 
 import numpy as np
@@ -230,3 +232,31 @@ def test_the_walk_ends_each_body_exactly_whatever_its_maps_and_arrays_hold(v2_id
     fits = walk_fits(bodies)
 
     assert fits.tolist() == good
+
+
+def test_arrow_avro_loads_without_polars_and_decodes() -> None:
+    """Silver loads arrow-avro's native module alone (polars' import cost every run 0.14 CPU-s); a
+    later `import polars_avro` in the same process must still work and share that module."""
+    script = """
+import io, sys
+import numpy as np, pyarrow as pa
+from k2_assets.silver.avro_block import ARROW_AVRO_MODULE, BlockSchema, avro_source_class, decode_bodies
+from k2_assets.silver.transform import strip_logical_types
+from k2_resources.trade_schema import trade_v2_schema
+from tests.test_silver_transform import framed, trade
+cls = avro_source_class()
+assert "polars" not in sys.modules, "polars was imported"
+schema = BlockSchema(strip_logical_types(trade_v2_schema()))
+values = pa.array([framed(1, trade(platform_sequence=i)) for i in range(5)], pa.large_binary())
+decoded, failed = decode_bodies(schema, values, np.arange(5), ["platform_sequence"])
+assert failed == [] and decoded[0][1].column(0).to_pylist() == [0, 1, 2, 3, 4], decoded
+import polars, polars_avro
+assert sys.modules[ARROW_AVRO_MODULE].AvroSource is cls
+buffer = io.BytesIO()
+polars_avro.write_avro(polars.DataFrame({"a": [1, 2]}), buffer)
+buffer.seek(0)
+assert polars_avro.read_avro(buffer)["a"].to_list() == [1, 2]
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -15,6 +15,7 @@ import tempfile
 import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
@@ -53,6 +54,16 @@ Item = TypeVar("Item")
 # most of it releases the GIL. On two idle cores +7-8 % wall for +0.2-0.3 CPU-s per 1M records; nothing
 # when the other core is busy (bench/README.md, "Silver end to end on branch s8-silver").
 TRANSFORM_WORKERS = 2
+# The Bronze columns the pass reads: what the transform and the DLQ rows take (not ingestion_date).
+BRONZE_COLUMNS_READ = (
+    "raw_bytes",
+    "message_key",
+    "topic",
+    "partition",
+    "offset",
+    "kafka_timestamp",
+    "ingestion_timestamp",
+)
 
 
 class SilverConfig(TimestampBounds):
@@ -164,6 +175,30 @@ def prefetched(items: Iterable[Item], name: str, depth: int = 1) -> Iterator[Ite
     finally:
         stop.set()
         producer.join()
+
+
+@contextmanager
+def reusing_arrow_memory() -> Iterator[None]:
+    """Arrow allocates from jemalloc inside the block (when PyArrow has it), then as before.
+
+    The pass allocates and frees a few 16 MB buffers per Bronze batch (Parquet pages, raw values,
+    filtered and cast columns). PyArrow's default pool here, mimalloc, hands such large blocks back to
+    the kernel as they are freed, so every batch faulted its memory in again and the kernel zeroed it:
+    about 0.5 CPU-s per 1M Bronze rows in page clearing (perf, bench/README.md, "Silver, session 9").
+    jemalloc keeps freed pages for reuse and returns them after its decay time. Buffers remember the
+    pool they came from, so switching back afterwards is safe.
+    """
+    try:
+        pool = pa.jemalloc_memory_pool()
+    except NotImplementedError:  # a PyArrow build without jemalloc: nothing to switch to
+        yield
+        return
+    previous = pa.default_memory_pool()
+    pa.set_memory_pool(pool)
+    try:
+        yield
+    finally:
+        pa.set_memory_pool(previous)
 
 
 def count_event_hours(counter: Counter[int], silver: pa.RecordBatch | pa.Table) -> None:
@@ -413,7 +448,10 @@ def build_silver_asset(exchange: ExchangeConfig) -> dg.AssetsDefinition:
         # --- end engine dispatch
         window = context.partition_time_window
         bronze = read_scope(
-            iceberg.ensure_table(bronze_spec), bronze_spec, RowScope(window.start, window.end)
+            iceberg.ensure_table(bronze_spec),
+            bronze_spec,
+            RowScope(window.start, window.end),
+            columns=BRONZE_COLUMNS_READ,
         )
         refuse_if_bronze_expired(iceberg, exchange, bronze, window.start, window.end)
         label = (
@@ -421,7 +459,7 @@ def build_silver_asset(exchange: ExchangeConfig) -> dg.AssetsDefinition:
             if len(context.partition_keys) == 1
             else json.dumps(context.partition_keys)
         )
-        with tempfile.TemporaryDirectory(prefix="k2-silver-dlq-") as scratch:
+        with tempfile.TemporaryDirectory(prefix="k2-silver-dlq-") as scratch, reusing_arrow_memory():
             silver_pass = SilverPass(Path(scratch) / "dlq.parquet")
             transformed = prefetched(
                 transform_batches(
