@@ -96,6 +96,20 @@ def cmdline(pid: int) -> str:
     return ""
 
 
+def process_memory(pid: int) -> tuple[int, int]:
+    """(anonymous, file-backed and shared) resident bytes of one process, from /proc/<pid>/smaps_rollup."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        name, value, *_ = line.split()
+        fields[name.rstrip(":")] = int(value) * 1024
+    return fields["Anonymous"], fields["Rss"] - fields["Anonymous"]
+
+
+def program_of(command: str) -> str:
+    """`java` for a Spark driver, `python` for a K2 process: what a component's memory is made of."""
+    return Path(command.split(" ", 1)[0]).name or "?"
+
+
 def component_of(command: str) -> str | None:
     for fragment, kind in COMPONENTS:
         if fragment in command:
@@ -114,6 +128,25 @@ class Watcher:
     processes: Counter = field(default_factory=Counter)
     peak_held: int = 0  # anon + mapped file, sampled
     commands: dict[str, str] = field(default_factory=dict)
+    # Every 1 s sample: (seconds since start, anon + mapped of the cgroup, per process (anon, file) bytes).
+    memory_samples: list[tuple[float, int, dict[str, tuple[int, int]]]] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+    def sample_memory(self) -> None:
+        stat = memory_stat(self.memory)
+        held = stat["total_rss"] + stat["total_mapped_file"]
+        self.peak_held = max(self.peak_held, held)
+        self.memory_samples.append((time.monotonic() - self.started, held, self.memory_by_process()))
+
+    def memory_by_process(self) -> dict[str, tuple[int, int]]:
+        """Resident memory per process of the tree, named `<cgroup>:<program>:<pid>`."""
+        out = {}
+        for cgroup in self.cgroups():
+            with contextlib.suppress(OSError):
+                for pid in map(int, (cgroup / "cgroup.procs").read_text().split()):
+                    with contextlib.suppress(OSError, KeyError):
+                        out[f"{cgroup.name}:{program_of(cmdline(pid))}:{pid}"] = process_memory(pid)
+        return out
 
     def cgroups(self) -> list[Path]:
         return [self.top, *sorted(p for p in self.top.iterdir() if p.is_dir())]
@@ -145,10 +178,6 @@ class Watcher:
                 if known is not None:
                     self.processes[cgroup.name] -= 1
             self.commands.setdefault(target.name, command[:300])
-
-    def sample_memory(self) -> None:
-        stat = memory_stat(self.memory)
-        self.peak_held = max(self.peak_held, stat["total_rss"] + stat["total_mapped_file"])
 
     def run(self) -> None:
         last_memory = 0.0
@@ -309,6 +338,47 @@ def child_cpu(top: Path) -> dict[str, float]:
     return used
 
 
+def memory_of(sample: dict[str, list[int]], runs: dict[str, dict]) -> dict[str, list[int]]:
+    """One sample's per-process (anon, file) bytes, each process named by its component or run kind."""
+    by_pid = {run["worker_pid"]: run for run in runs.values() if run["worker_pid"]}
+    named: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for key, (anon, file) in sample.items():
+        cgroup, program, _ = key.split(":")
+        if cgroup.startswith("worker-"):
+            cgroup = run_kind(by_pid.get(int(cgroup[7:]), {"job": "? (no RUN_START)", "what": "?"}))
+        named[f"{cgroup} ({program})"][0] += anon
+        named[f"{cgroup} ({program})"][1] += file
+    return dict(named)
+
+
+def memory_moments(watcher: Watcher, runs: dict[str, dict], skip: float) -> dict[str, dict]:
+    """The tree's memory by process at its peak, and at its highest sample at rest (after `skip` s, no run
+    worker alive but the Bronze ingestion runs'), from the 1 s samples."""
+    ingestion = {f"worker-{run['worker_pid']}" for run in runs.values() if run["job"].endswith("_ingestion")}
+    at_rest = [
+        (t, held, sample)
+        for t, held, sample in watcher.memory_samples
+        if t >= skip and {k.split(":")[0] for k in sample if k.startswith("worker-")} <= ingestion
+    ]
+    moments = {"peak": max(watcher.memory_samples, key=lambda s: s[1], default=None)}
+    moments["rest"] = max(at_rest, key=lambda s: s[1], default=None)
+    return {
+        name: {"seconds": m[0], "held": m[1], "processes": memory_of(m[2], runs)}
+        for name, m in moments.items()
+        if m is not None
+    }
+
+
+def print_memory(moments: dict[str, dict]) -> None:
+    for name, moment in moments.items():
+        print(
+            f"Memory by process at the {name} ({moment['seconds']:.0f} s; cgroup anon+mapped "
+            f"{moment['held'] / GIB:.2f} GiB; smaps_rollup anon / file-backed+shared MiB):"
+        )
+        for process, (anon, file) in sorted(moment["processes"].items(), key=lambda kv: -sum(kv[1])):
+            print(f"  {process[:60]:60s} {anon / MIB:7.0f} {file / MIB:7.0f}")
+
+
 def print_report(report: dict) -> None:
     wall, cpu = report["window_seconds"], report["cpu_seconds"]
     print(f"\n== K2 live cost, {wall / 60:.1f} min, code {report['code']} ==")
@@ -334,6 +404,7 @@ def print_report(report: dict) -> None:
             f"  {name[:60]:60s} {kind['runs']:4d} {kind['processes']:4d} {kind['cpu_seconds']:8.1f} s "
             f"{per:6.1f} s {100 * kind['cpu_seconds'] / wall:5.1f} %"
         )
+    print_memory(report.get("memory_moments", {}))
     print(f"Runs launched: {report['runs_launched']}, statuses {report['run_statuses']}")
     gold = [g for _, g in report["gold_lag"] if g is not None]
     if gold:
@@ -349,16 +420,45 @@ def print_report(report: dict) -> None:
         )
 
 
-def seed_history(home: Path, snapshots: dict[str, int]) -> None:
+def seed_history(home: Path, snapshots: dict[str, int], code: Path, env: dict[str, str]) -> None:
     """Bronze tables that already keep `snapshots` snapshots per exchange, as a long-running deployment's
     do (each Bronze commit's cost grows with them; a fresh dev stack starts at none). One-row commits
-    ingested a day ago: the running hour's Silver and Gold never read them."""
-    from bench.bench_ingest_live import seed_snapshots
-
+    ingested a day ago: the running hour's Silver and Gold never read them. Committed by `code`'s own
+    BronzeCommitter, in a child: how a checkout commits (one manifest per commit, or merged) is part of
+    the history it lives with."""
     for name, count in snapshots.items():
         started = time.monotonic()
-        seed_snapshots(home, name, count, at=datetime.now(UTC) - timedelta(days=1))
+        child = SEED_CHILD.format(home=str(home), name=name, count=count)
+        subprocess.run([sys.executable, "-c", child], env=env, cwd=code, check=True)
         print(f"seeded {count} Bronze {name} snapshots in {time.monotonic() - started:.0f} s", flush=True)
+
+
+SEED_CHILD = """
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from bench.bench_ingest_live import seed_snapshots
+seed_snapshots(Path({home!r}), {name!r}, {count}, at=datetime.now(UTC) - timedelta(days=1))
+"""
+
+
+def launch_job(home: Path, code: Path, env: dict[str, str], job: str) -> int:
+    """Submit `job` with its run config to the running instance, as its schedule would (`dagster job
+    launch`, outside the measured cgroup: the daemon dequeues it and the code server starts its worker
+    inside). Returns the launcher's exit code."""
+    dagster_home = home / "dagster_home"
+    command = [sys.executable, "-m", "dagster", "job", "launch", "-w", str(dagster_home / "workspace.yaml")]
+    command += ["-j", job, "-c", str(code / "run_config" / f"{job}.yaml")]
+    launch_env = {**env, "DAGSTER_HOME": str(dagster_home)}
+    done = subprocess.run(command, env=launch_env, cwd=code, capture_output=True, text=True, timeout=300)
+    print(
+        f"launched {job}: exit {done.returncode} {done.stderr[-300:] if done.returncode else ''}", flush=True
+    )
+    return done.returncode
+
+
+def job_launches(text: str) -> list[tuple[str, float]]:
+    """`maintain_all_tables@420` -> [("maintain_all_tables", 420.0)]: jobs to launch, seconds into the window."""
+    return [(job, float(at)) for job, at in (part.split("@") for part in text.split(",") if part)]
 
 
 def snapshot_counts(text: str) -> dict[str, int]:
@@ -387,7 +487,7 @@ def measure(args: argparse.Namespace) -> dict:
             cwd=code,
         ).stdout.strip()
         print(f"children import k2_assets from {where}")
-        seed_history(home, args.bronze_snapshots)
+        seed_history(home, args.bronze_snapshots, code, env)
         if args.start_at:  # two instances seeding different histories still measure the same window
             time.sleep(max(0.0, args.start_at - time.time()))
         producers = start_producers(env, {"binance": args.binance_rate, "kraken": args.kraken_rate}, logs)
@@ -415,9 +515,13 @@ def measure(args: argparse.Namespace) -> dict:
         consumer = kafka.consumer("k2-bench-live")
         gold_lag, bronze_lag, usage = [], [], []
         deadline = started + args.minutes * 60
+        launches, launched = dict(args.launch), {}
         try:
             while (now := time.monotonic()) < deadline and dev.poll() is None:
                 usage.append((now - started, cpu_usec(top) / 1e6))
+                for job in [j for j, at in launches.items() if now - started >= at]:
+                    launched[job] = (now - started, launch_job(home, code, env, job))
+                    del launches[job]
                 with contextlib.suppress(Exception):
                     gold_lag.append((now - started, gold_lag_seconds(catalog)))
                 with contextlib.suppress(Exception):
@@ -466,6 +570,8 @@ def measure(args: argparse.Namespace) -> dict:
         "bronze_lag": bronze_lag,
         "k2_home": str(home),
         "bronze_snapshots_seeded": args.bronze_snapshots,
+        "memory_moments": memory_moments(watcher, runs, skip),
+        "launched": launched,
     }
 
 
@@ -488,6 +594,13 @@ def main() -> int:
         help="seed Bronze with this many snapshots first, e.g. binance=2340,kraken=780 (a long-lived table)",
     )
     parser.add_argument("--start-at", type=float, default=0.0, help="start k2 dev at this Unix time")
+    parser.add_argument(
+        "--launch",
+        type=job_launches,
+        default=[],
+        help="launch jobs this many seconds after k2 dev started, e.g. maintain_all_tables@420 (a scheduled "
+        "pass in the window on both sides of a pair)",
+    )
     args = parser.parse_args()
     report = measure(args)
     print_report(report)

@@ -85,6 +85,14 @@ VARIANTS: dict[str, dict[str, str]] = {
         "spark.driver.extraJavaOptions": f"{C1_ONLY} {SERIAL_GC} -XX:ArchiveClassesAtExit={CDS_ARCHIVE}"
     },
     "cds": {"spark.driver.extraJavaOptions": f"{C1_ONLY} {SERIAL_GC} -XX:SharedArchiveFile={CDS_ARCHIVE}"},
+    # The heap starts at 1/64 of the machine's memory (384 MiB here), a third of it young generation that
+    # fills before the first collection; a small start grows the heap only as far as the live data needs.
+    "small-start": {"spark.driver.extraJavaOptions": f"{C1_ONLY} {SERIAL_GC} -Xms32m"},
+    # ... and give memory back after collections (the serial collector shrinks to these free ratios).
+    "small-shrink": {
+        "spark.driver.extraJavaOptions": f"{C1_ONLY} {SERIAL_GC} -Xms32m -XX:MinHeapFreeRatio=10 "
+        "-XX:MaxHeapFreeRatio=30"
+    },
 }
 
 

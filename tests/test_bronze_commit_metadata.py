@@ -16,6 +16,7 @@ from pyiceberg.table import Table
 from pyiceberg.table.update import update_table_metadata
 
 from k2_assets.bronze.ingestion import (
+    MANIFEST_MERGE_COUNT,
     BronzeCommitter,
     _StagedMetadataTransaction,
     read_stored_offsets,
@@ -93,3 +94,22 @@ def test_bronze_commits_keep_rows_offsets_and_tag(bronze_table: Table) -> None:
     assert reloaded.metadata.refs[OFFSETS_TAG].snapshot_id == reloaded.current_snapshot().snapshot_id
     assert len(reloaded.metadata.snapshots) == 20
     assert len(reloaded.metadata.metadata_log) == 20  # every earlier version: the create and 19 commits
+
+
+def test_bronze_commits_merge_manifests_and_keep_every_row_once(bronze_table: Table) -> None:
+    """A fast append left one manifest per commit, and every scan plan opened them all (~1 ms each): the
+    manifests stay under the merge count however many commits the table keeps, with every row once."""
+    committer = BronzeCommitter(bronze_table, {}, "run-1")
+    commits = 3 * MANIFEST_MERGE_COUNT + 5
+    for k in range(commits):
+        committer.commit(rows(bronze_table, k * 3, 3), {0: (k + 1) * 3})
+    reloaded = IcebergCatalogResource().load_table(bronze_table_spec(exchange("binance")))
+    current = reloaded.current_snapshot()
+    assert current is not None
+    assert len(current.manifests(reloaded.io)) <= MANIFEST_MERGE_COUNT
+    assert len(reloaded.metadata.snapshots) == commits
+    assert current.summary.operation.value == "append"
+    offsets = reloaded.scan(selected_fields=("offset",)).to_arrow()["offset"].to_pylist()
+    assert sorted(offsets) == list(range(commits * 3))
+    assert read_stored_offsets(reloaded) == {0: commits * 3}
+    assert reloaded.metadata.refs[OFFSETS_TAG].snapshot_id == current.snapshot_id
