@@ -2,8 +2,8 @@
 
 PyIceberg 0.12 cannot compact data files, rewrite manifests or delete expired files; Iceberg's own
 Spark procedures can (`CALL <catalog>.system.rewrite_data_files(...)` etc.). `IcebergSparkResource`
-is a lazily started SparkSession (no Spark start unless an op asks for the session), like
-dagster-pyspark's `LazyPySparkResource`, whose Spark configuration is derived from `IcebergCatalogResource`'s properties, so both clients always
+is dagster-pyspark's `LazyPySparkResource` (no Spark start unless an op asks for the session) whose
+Spark configuration is derived from `IcebergCatalogResource`'s properties, so both clients always
 point at one catalog:
 
 - PyIceberg `type: sql` on SQLite or PostgreSQL -> Iceberg's `JdbcCatalog` on the same database and
@@ -31,8 +31,9 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 import dagster as dg
-from dagster_spark.utils import flatten_dict
-from pydantic import Field, PrivateAttr
+from dagster_pyspark import LazyPySparkResource
+from dagster_pyspark.resources import spark_session_from_config
+from pydantic import Field
 from pyiceberg.catalog import _ENV_CONFIG
 
 from k2_resources.iceberg import IcebergCatalogResource
@@ -184,24 +185,10 @@ def discard_stopped_context() -> None:
         context.stop()
 
 
-def spark_session_from_config(config: dict[str, Any]) -> Any:
-    """dagster-pyspark's session builder, with PySpark imported only here: every run worker and the code
-    server bind this resource, and importing PySpark (through dagster-pyspark) cost each of them ~0.25 CPU-s
-    and ~9 MB of RSS at start though only a Spark run ever builds a session (bench/README.md, Live cost)."""
-    from pyspark.sql import SparkSession
-
-    builder = SparkSession.builder
-    for key, value in flatten_dict(config):
-        builder = builder.config(key, value)
-    return builder.getOrCreate()
-
-
-class IcebergSparkResource(dg.ConfigurableResource):
+class IcebergSparkResource(LazyPySparkResource):
     """A lazily started SparkSession whose Iceberg catalog is K2's catalog (see the module docstring).
 
-    dagster-pyspark's `LazyPySparkResource` without its module, which imports PySpark: same fields and
-    properties (`spark_config`, `spark_session`, `spark_context`). `spark_config` entries override the
-    derived ones (e.g. `spark.driver.memory`).
+    `spark_config` entries override the derived ones (e.g. `spark.driver.memory`).
     """
 
     iceberg: dg.ResourceDependency[IcebergCatalogResource]
@@ -214,7 +201,6 @@ class IcebergSparkResource(dg.ConfigurableResource):
         "a cluster keeps Spark's defaults",
     )
     spark_config: dict[str, Any] = {}
-    _spark_session: Any = PrivateAttr(default=None)
 
     def where(self) -> dict[str, str]:
         """`spark.master` or `spark.remote`, from the resource's config, else the environment (read when
@@ -275,15 +261,6 @@ class IcebergSparkResource(dg.ConfigurableResource):
                 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
                 discard_stopped_context()
             self._spark_session = spark_session_from_config(self.full_config())
-
-    @property
-    def spark_session(self) -> Any:
-        self._init_session()
-        return self._spark_session
-
-    @property
-    def spark_context(self) -> Any:
-        return self.spark_session.sparkContext
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         """Stop the session a run started (dagster-pyspark leaves it running)."""
