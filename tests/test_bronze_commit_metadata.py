@@ -16,7 +16,6 @@ from pyiceberg.table import Table
 from pyiceberg.table.update import update_table_metadata
 
 from k2_assets.bronze.ingestion import (
-    MANIFEST_MERGE_COUNT,
     BronzeCommitter,
     _StagedMetadataTransaction,
     read_stored_offsets,
@@ -24,7 +23,7 @@ from k2_assets.bronze.ingestion import (
     staged_metadata,
     write_data_files,
 )
-from k2_assets.bronze.tables import OFFSETS_TAG, bronze_table_spec
+from k2_assets.bronze.tables import MANIFEST_MERGE_COUNT, OFFSETS_TAG, bronze_table_spec
 from k2_resources.exchanges import exchange
 from k2_resources.iceberg import IcebergCatalogResource
 

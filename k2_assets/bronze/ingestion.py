@@ -69,7 +69,7 @@ from pyiceberg.table.update import (
     _update_table_metadata_log,
     update_table_metadata,
 )
-from pyiceberg.table.update.snapshot import ManageSnapshots, _MergeAppendFiles
+from pyiceberg.table.update.snapshot import ManageSnapshots
 from pyiceberg.utils.config import Config
 from pyiceberg.utils.datetime import datetime_to_millis
 from pyiceberg.utils.properties import property_as_int
@@ -392,26 +392,6 @@ class _StagedMetadataTransaction(Transaction):
         return self._staged[2]
 
 
-# A Bronze commit merges the table's small manifests once this many have piled up. A fast append adds one
-# manifest per commit (every 10 s), and every scan plan of the table opens each manifest (~1 ms of CPU
-# apiece): at 900 retained commits one plan of the running hour cost ~0.8 CPU-s, several per refresh run
-# (bench/README.md, Live cost, session 9). Iceberg's Java appends merge by default (at 100).
-MANIFEST_MERGE_COUNT = 24
-# Merged manifests stop growing at this size (~800 files' entries; Iceberg's default is 8 MiB): a merge
-# rewrites only the manifests still below it, so its cost stays flat while a day's files accumulate.
-MANIFEST_TARGET_BYTES = 256 * 1024
-
-
-def merging_append(tx: Transaction, properties: dict[str, str]) -> _MergeAppendFiles:
-    """An append that merges small manifests (MANIFEST_MERGE_COUNT, MANIFEST_TARGET_BYTES), whatever the
-    table's `commit.manifest-merge.*` properties say (PyIceberg merges only when they enable it)."""
-    append = tx.update_snapshot(snapshot_properties=properties).merge_append()
-    append._merge_enabled = True
-    append._min_count_to_merge = MANIFEST_MERGE_COUNT
-    append._target_size_bytes = MANIFEST_TARGET_BYTES
-    return append
-
-
 class BronzeCommitter:
     """Appends record batches to a Bronze table, each commit carrying the offsets it advances to."""
 
@@ -464,7 +444,9 @@ class BronzeCommitter:
     def _commit_once(self, files: list, properties: dict[str, str]) -> int:
         """One append + tag commit; the transaction leaves `self.table` at the metadata it committed."""
         with shallow_catalog_staging(), _StagedMetadataTransaction(self.table) as tx:
-            with merging_append(tx, properties) as append:
+            # A merge append: it merges small manifests as the table's `commit.manifest-merge.*`
+            # properties say (bronze/tables.py); a fast append left one manifest per commit.
+            with tx.update_snapshot(snapshot_properties=properties).merge_append() as append:
                 for data_file in files:
                     append.append_data_file(data_file)
             snapshot = tx.table_metadata.current_snapshot()

@@ -54,6 +54,8 @@ BRONZE_PARTITION_SPEC = PartitionSpec(
 OFFSETS_PROPERTY = "k2.kafka.offsets"
 TOPIC_ID_PROPERTY = "k2.kafka.topic-id"
 OFFSETS_TAG = "k2-kafka-offsets"
+# Manifests a Bronze commit lets pile up before it merges them (Iceberg's Java appends merge at 100).
+MANIFEST_MERGE_COUNT = 24
 
 
 def bronze_table_name(exchange: ExchangeConfig) -> str:
@@ -73,6 +75,14 @@ def bronze_table_spec(exchange: ExchangeConfig) -> TableSpec:
             # every 10-30 s and each commit rewrites the table's metadata, which grows with every snapshot
             # kept: ~0.05 ms of CPU per snapshot per commit (bench/README.md, Bronze live cost).
             SNAPSHOT_MAX_AGE_PROPERTY: str(int(MIN_SNAPSHOT_AGE_HOURS * MILLIS_PER_HOUR)),
+            # Commits merge small manifests (Iceberg's standard properties; PyIceberg's merge append reads
+            # them). A fast append adds one manifest per commit, and every scan plan opens each one (~1 ms
+            # of CPU apiece): at 900 retained commits a plan of the running hour cost ~0.8 CPU-s (bench/
+            # README.md, Live cost, session 9). Merged manifests stop at 256 KiB (~800 files' entries), so
+            # a merge rewrites only the unfilled ones and its cost stays flat while a day's files pile up.
+            "commit.manifest-merge.enabled": "true",
+            "commit.manifest.min-count-to-merge": str(MANIFEST_MERGE_COUNT),
+            "commit.manifest.target-size-bytes": str(256 * 1024),
             "k2.source-topic": exchange.topic,
         },
         time_column="ingestion_timestamp",
