@@ -99,7 +99,10 @@ def test_maintenance_job_reports_what_it_did_and_refuses_unsafe_settings(home: P
             )
             cause = next(e for e in refused.all_events if e.is_step_failure).step_failure_data.error.cause
             assert cause.message.split(":", 1)[1].strip().startswith(f"{setting} must"), cause.message
-        assert catalog.load_table(BRONZE_SPEC).scan().count() == 600  # nothing was touched
+        before = catalog.load_table(BRONZE_SPEC)
+        assert before.scan().count() == 600  # nothing was touched
+        # Bronze commits merge small manifests (its commit.manifest-merge.* properties): fewer than 60
+        manifests = len(before.current_snapshot().manifests(before.io))
 
         result = job.execute_in_process(instance=instance)
         (event,) = result.asset_materializations_for_node(OP)
@@ -110,7 +113,7 @@ def test_maintenance_job_reports_what_it_did_and_refuses_unsafe_settings(home: P
     assert metadata["rows_after"] == 600 - old_rows
     assert metadata["data_files_before"] == 60 and metadata["rewritten_data_files"] > 0
     assert metadata["data_files_after"] < metadata["data_files_before"]
-    assert metadata["manifests_before"] == 60 and metadata["manifests_after"] <= 2
+    assert metadata["manifests_before"] == manifests > 2 and metadata["manifests_after"] <= 2
     assert metadata["orphans_removed"] == 1 and not old.exists() and young.exists()
     assert metadata["snapshots_expired"] == 0  # every snapshot was superseded minutes ago
     assert metadata["duration_seconds"] > 0 and metadata["retention_days"] == 7
