@@ -135,3 +135,30 @@ def test_a_scan_streams_exactly_its_rows_whether_or_not_a_file_is_proven_inside(
     assert sorted(streamed.column("offset").to_pylist()) == sorted(expected.column("offset").to_pylist())
     assert sorted(streamed.column("offset").to_pylist()) == [0, 1, 2, 4, 8, 10]
     assert streamed.schema == expected.schema
+
+
+def test_a_stream_joins_small_files_into_batches_of_at_most_join_rows(tmp_path: Path) -> None:
+    """Twenty 3-row commits (a running hour's small Bronze files) come out as few full batches, each row
+    once: downstream pays its per-batch cost per `join_rows`, not per commit."""
+    catalog = IcebergCatalogResource(
+        properties={"type": "sql", "uri": f"sqlite:///{tmp_path}/c.db", "warehouse": f"file://{tmp_path}"}
+    )
+    table = catalog.ensure_table(DLQ_TABLE_SPEC)
+    hour = datetime(2026, 11, 20, 7, tzinfo=UTC)
+    for commit in range(20):
+        rows = dlq_rows(hour, 3)
+        rows["offset"] = [commit * 3 + i for i in range(3)]
+        table.append(conform(pa.Table.from_pandas(rows, preserve_index=False), table.schema().as_arrow()))
+    snapshot = table.current_snapshot().snapshot_id
+    scope = RowScope(hour, hour.replace(hour=8))
+
+    whole = IcebergStream(table, DLQ_TABLE_SPEC, scope, snapshot)
+    assert [b.num_rows for b in whole.batches()] == [60]
+    assert whole.rows_read == 60
+
+    bounded = IcebergStream(table, DLQ_TABLE_SPEC, scope, snapshot, join_rows=7)
+    batches = list(bounded.batches())
+    assert [b.num_rows for b in batches] == [6] * 10  # two 3-row files fit in 7 rows, a third would not
+    offsets = [o for b in batches for o in b.column("offset").to_pylist()]
+    assert sorted(offsets) == list(range(60))
+    assert bounded.rows_read == 60
