@@ -47,6 +47,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -456,14 +457,19 @@ def launch_job(home: Path, code: Path, env: dict[str, str], job: str) -> int:
     return done.returncode
 
 
+def named_values(text: str, separator: str, value: type) -> list[tuple[str, Any]]:
+    """`a<separator>1,b<separator>2` -> [("a", value("1")), ("b", value("2"))]."""
+    return [(name, value(v)) for name, v in (part.split(separator) for part in text.split(",") if part)]
+
+
 def job_launches(text: str) -> list[tuple[str, float]]:
     """`maintain_all_tables@420` -> [("maintain_all_tables", 420.0)]: jobs to launch, seconds into the window."""
-    return [(job, float(at)) for job, at in (part.split("@") for part in text.split(",") if part)]
+    return named_values(text, "@", float)
 
 
 def snapshot_counts(text: str) -> dict[str, int]:
     """`binance=2340,kraken=780` -> {"binance": 2340, "kraken": 780}."""
-    return {name: int(count) for name, count in (part.split("=") for part in text.split(",") if part)}
+    return dict(named_values(text, "=", int))
 
 
 def measure(args: argparse.Namespace) -> dict:

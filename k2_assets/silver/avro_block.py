@@ -30,7 +30,6 @@ import json
 import sys
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -438,26 +437,20 @@ def avro_source_class() -> type:
 
 def _load_native_module(name: str) -> ModuleType:
     """The extension module `name` (package.module) loaded from its package's directory, the package's
-    `__init__` not run."""
-    package, _, leaf = name.rpartition(".")
+    `__init__` not run (importlib's recipe for importing a file directly)."""
+    package = name.rpartition(".")[0]
     found = importlib.util.find_spec(package)  # a top-level package: located, not imported
-    if found is None or not found.submodule_search_locations:
-        raise ImportError(f"package {package} is not installed", name=name)
-    for directory in found.submodule_search_locations:
-        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-            path = Path(directory) / f"{leaf}{suffix}"
-            if path.is_file():
-                loader = importlib.machinery.ExtensionFileLoader(name, str(path))
-                spec = importlib.util.spec_from_file_location(name, path, loader=loader)
-                module = importlib.util.module_from_spec(spec)
-                sys.modules[name] = module
-                try:
-                    loader.exec_module(module)
-                except BaseException:
-                    del sys.modules[name]
-                    raise
-                return module
-    raise ImportError(f"no native module {leaf} in {package}", name=name)
+    spec = found and importlib.machinery.PathFinder.find_spec(name, found.submodule_search_locations)
+    if spec is None:
+        raise ImportError(f"no module {name} installed", name=name)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
 
 
 def decode_block(
