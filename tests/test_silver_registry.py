@@ -98,3 +98,28 @@ def test_any_other_404_fails_the_run_and_names_the_setting(
         transform(url, [framed(1, trade())])
     message = str(raised.value)
     assert "K2_SCHEMA_REGISTRY_URL" in message and "404" in message and "40403" in message
+
+
+def test_a_client_made_in_the_background_is_awaited_by_the_first_lookup(registry_url: str) -> None:
+    schema_id = client(registry_url).register_schema(BINANCE.subject, Schema(trade_v2_schema_str(), "AVRO"))
+    started, release, made_in = threading.Event(), threading.Event(), []
+
+    def connect() -> SchemaRegistryClient:
+        started.set()
+        made_in.append(threading.current_thread())
+        assert release.wait(10)
+        return client(registry_url)
+
+    schemas = WriterSchemas.connecting(connect)  # returns while connect is still running
+    assert started.wait(10) and made_in[0] is not threading.current_thread()
+    release.set()
+    assert schemas.get(schema_id) is not None and schemas.get(schema_id + 1000) is None
+
+
+def test_a_client_that_cannot_be_made_fails_the_first_lookup() -> None:
+    def connect() -> SchemaRegistryClient:
+        return SchemaRegistryClient({"url": "not a url"})
+
+    schemas = WriterSchemas.connecting(connect)
+    with pytest.raises(ValueError):
+        schemas.get(1)

@@ -488,7 +488,7 @@ def build_silver_asset(exchange: ExchangeConfig) -> dg.AssetsDefinition:
                 transform_batches(
                     prefetched(bronze.batches(), "bronze-read"),
                     exchange=exchange,
-                    schemas=WriterSchemas(schema_registry.client()),
+                    schemas=WriterSchemas.connecting(schema_registry.client),
                     rules=config.rules(),
                     partition_key=label,
                     now=datetime.now(UTC),
