@@ -18,6 +18,7 @@ from decimal import Decimal
 from typing import Any
 
 import fastavro
+import numpy as np
 import pyarrow as pa
 import pytest
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
@@ -37,6 +38,7 @@ from k2_assets.silver.rules import (
 )
 from k2_assets.silver.tables import DLQ_SCHEMA, SILVER_SCHEMA
 from k2_assets.silver.transform import (
+    BronzeBatch,
     WriterSchemas,
     decimal_array,
     prepare_writer_schema,
@@ -306,6 +308,28 @@ def test_binary_and_sliced_bronze_batches_read_the_same_values(
         assert silver.column("offset").to_pylist() == [101, 103]
         assert silver.column("side").to_pylist() == ["BUY", "SELL"]
         assert dlq.column("raw_bytes").to_pylist() == [b"\x05"]
+
+
+def test_the_per_record_path_copies_only_the_chosen_values_each_with_the_byte_after_it() -> None:
+    """decode_body reads one byte past a value (the next value's first, or the pad byte after the last):
+    that byte must be the same whichever rows are chosen, and the rest of the batch is not copied."""
+    values = [b"\x00\x01", None, b"", b"abc", b"\x07" * 50, b"de", b"f", b"\xff" * 40]
+    batch = bronze(values)
+    whole = b"".join(v or b"" for v in values) + b"\x00"
+    bounds = [0]
+    for value in values:
+        bounds.append(bounds[-1] + len(value or b""))
+    for variant in (batch, batch.set_column(0, "raw_bytes", batch.column("raw_bytes").cast(pa.binary()))):
+        for rows in ([0], [2, 3], [5, 6, 7], [1, 3, 4, 7], [], list(range(len(values)))):
+            chosen = BronzeBatch.of(variant, np.asarray(rows, dtype=np.int64))
+            seen = [chosen.data[s : e + 1] for s, e in zip(chosen.starts, chosen.ends, strict=True)]
+            assert seen == [whole[bounds[i] : bounds[i + 1] + 1] for i in rows], rows
+            assert len(chosen.data) <= sum(len(values[i] or b"") + 1 for i in rows) + 1, rows
+    sliced = BronzeBatch.of(batch.slice(3, 3), np.asarray([0, 2], dtype=np.int64))
+    assert [sliced.data[s : e + 1] for s, e in zip(sliced.starts, sliced.ends, strict=True)] == [
+        b"abc\x07",
+        b"de\x00",  # the last value of the slice: the pad byte, as for the last of a batch
+    ]
 
 
 def test_exchange_date_is_the_utc_date_of_the_trade(registry: SchemaRegistryClient, v2_id: int) -> None:

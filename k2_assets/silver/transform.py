@@ -424,12 +424,14 @@ class Routed:
 class BronzeBatch:
     """The columns of one Bronze batch that routing reads, as plain Python values, for chosen rows.
 
-    `data` is always the whole batch's values, so a value's bytes are followed by the same byte
-    (the next value's first, or the pad byte) whichever rows were chosen, and decode_body's
-    outcome and message cannot depend on the choice.
+    Each chosen value is followed in `data` by the byte that follows it in the whole batch (the next
+    value's first, or the pad byte after the last), so decode_body's outcome and message cannot depend
+    on which rows were chosen. Only those bytes are copied: the chosen rows are the few the columnar
+    path left (about 1 % of a batch), and copying the whole value buffer twice for them cost a fifth
+    of the transform threads' memory copies and page faults (bench/README.md, "Silver, session 10").
     """
 
-    data: bytes  # all values of the batch back to back, plus one pad byte
+    data: bytes  # the chosen values, each run of consecutive rows back to back with its next byte
     starts: list[int]  # chosen value j is data[starts[j]:ends[j]]
     ends: list[int]
     present: list[bool] | None  # None when no value is null
@@ -443,19 +445,45 @@ class BronzeBatch:
         if not pa.types.is_large_binary(raw.type):
             raw = raw.cast(pa.large_binary())
         offsets = np.frombuffer(raw.buffers()[1], dtype=np.int64)[raw.offset : raw.offset + len(raw) + 1]
-        values = raw.buffers()[2]
-        data = b"" if values is None else values[int(offsets[0]) : int(offsets[-1])].to_pybytes()
-        offsets = offsets - offsets[0]
+        values, base = raw.buffers()[2], int(offsets[0])
+        whole = b"" if values is None else memoryview(values)[base : int(offsets[-1])]
+        offsets = offsets - base
         rows = np.arange(len(raw)) if rows is None else np.asarray(rows, dtype=np.int64)
+        data, starts, ends = value_windows(whole, offsets[rows], offsets[rows + 1], rows)
         chosen = pa.array(rows, type=pa.int64())
         return cls(
-            data=data + b"\x00",
-            starts=offsets[rows].tolist(),
-            ends=offsets[rows + 1].tolist(),
+            data=data,
+            starts=starts.tolist(),
+            ends=ends.tolist(),
             present=raw.is_valid().take(chosen).to_pylist() if raw.null_count else None,
             ingestion_us=_micros(batch.column("ingestion_timestamp").take(chosen)),
             kafka_us=_micros(batch.column("kafka_timestamp").take(chosen)),
         )
+
+
+def value_windows(
+    whole: bytes | memoryview, starts: np.ndarray, ends: np.ndarray, rows: np.ndarray
+) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """The values whole[starts[j]:ends[j]] of rows `rows` (ascending), each with its next byte.
+
+    A run of consecutive rows is copied as one piece, from its first value's start to one byte past
+    its last value's end (a zero pad byte past the end of `whole`), so a value is followed by the same
+    byte as in `whole` + pad. Returns the pieces joined and each value's start and end in them.
+    """
+    if not len(rows):
+        return b"\x00", starts, ends
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    first = np.concatenate(([0], breaks))
+    last = np.concatenate((breaks - 1, [len(rows) - 1]))
+    low, high = starts[first], ends[last] + 1
+    total = len(whole)
+    pieces = [
+        whole[lo:hi] if hi <= total else bytes(whole[lo:total]) + b"\x00"
+        for lo, hi in zip(low.tolist(), high.tolist(), strict=True)
+    ]
+    placed = np.concatenate(([0], np.cumsum(high - low)[:-1]))
+    shift = np.repeat(placed - low, last - first + 1)
+    return b"".join(pieces), starts + shift, ends + shift
 
 
 def _micros(column: pa.Array) -> list[int | None]:
