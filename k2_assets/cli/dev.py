@@ -244,12 +244,17 @@ def start_code_server(env: dict[str, str], code_port: int) -> subprocess.Popen:
     return start_dagster_process(env, command)
 
 
+# The webserver and daemon run through k2_assets/cli/quiet_dagster.py: Dagster's own modules, with the
+# polling of a code server that `k2 dev` never restarts in place slowed down (most of their CPU at rest).
+QUIET_DAGSTER = [sys.executable, "-m", "k2_assets.cli.quiet_dagster"]
+
+
 def webserver_command(workspace: Path, host: str, port: int) -> list[str]:
-    return [sys.executable, "-m", "dagster_webserver", "-h", host, "-p", str(port), "-w", str(workspace)]
+    return [*QUIET_DAGSTER, "dagster_webserver", "-h", host, "-p", str(port), "-w", str(workspace)]
 
 
 def daemon_command(workspace: Path) -> list[str]:
-    return [sys.executable, "-m", "dagster._daemon", "run", "-w", str(workspace)]
+    return [*QUIET_DAGSTER, "dagster._daemon", "run", "-w", str(workspace)]
 
 
 def start_dagster_process(env: dict[str, str], command: list[str]) -> subprocess.Popen:
