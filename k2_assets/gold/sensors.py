@@ -42,6 +42,7 @@ import dagster as dg
 from k2_assets.gold.assets import GOLD_KEY, SILVER_READ_AT
 from k2_assets.partitions import REFRESHES_PER_HOUR, hour_window, hourly_partitions
 from k2_assets.resources import automation_status
+from k2_assets.sensor_instance import sensor_instance
 from k2_assets.silver.assets import EVENT_HOURS, EVENT_HOURS_ADDED, PASS_PARTITIONS, silver_asset_key
 from k2_assets.silver.checks import BLOCKING_CHECKS
 from k2_resources.exchanges import EXCHANGES
@@ -186,19 +187,20 @@ def silver_usable(instance: dg.DagsterInstance, record: dg.EventLogRecord) -> bo
 def collect(context: dg.SensorEvaluationContext, cursor: dict) -> None:
     """Fold new Silver materialisations into `cursor["pending"]` (hour -> Silver change time)."""
     after, pending = cursor.setdefault("after", {}), cursor.setdefault("pending", {})
+    instance = sensor_instance(context)
     for exchange in EXCHANGES:
         name = silver_asset_key(exchange).to_user_string()
-        result = context.instance.fetch_materializations(
+        result = instance.fetch_materializations(
             dg.AssetRecordsFilter(asset_key=silver_asset_key(exchange), after_storage_id=after.get(name)),
             limit=RECORDS_PER_TICK,
             ascending=True,
         )
         for record in result.records:
-            usable = silver_usable(context.instance, record)
+            usable = silver_usable(instance, record)
             if usable is None:
                 break  # its run is still going: look again next tick, from here
             if usable:
-                for hour, since in changed_hours(context.instance, record).items():
+                for hour, since in changed_hours(instance, record).items():
                     pending[hour] = max(pending.get(hour, 0.0), since)
             after[name] = record.storage_id
 
@@ -246,5 +248,5 @@ def due_requests(instance: dg.DagsterInstance, pending: dict[str, float], now: f
 def gold_late_data_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
     cursor: dict = json.loads(context.cursor or "{}")
     collect(context, cursor)
-    requests = due_requests(context.instance, cursor["pending"], time.time())
+    requests = due_requests(sensor_instance(context), cursor["pending"], time.time())
     return dg.SensorResult(run_requests=requests, cursor=json.dumps(cursor, sort_keys=True))
