@@ -13,7 +13,6 @@ from __future__ import annotations
 import threading
 
 import dagster as dg
-from dagster._serdes import serialize_value
 
 _instances: dict[str, dg.DagsterInstance] = {}
 _lock = threading.Lock()
@@ -26,7 +25,7 @@ def sensor_instance(context: dg.SensorEvaluationContext) -> dg.DagsterInstance:
     ref = context.instance_ref
     if ref is None:
         return context.instance
-    key = serialize_value(ref)
+    key = repr(ref)  # a tuple of the storages' classes and config: equal refs, equal text
     with _lock:
         if key not in _instances:
             _instances[key] = dg.DagsterInstance.from_ref(ref)
