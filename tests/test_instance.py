@@ -393,19 +393,15 @@ def bronze_rows(home: Path) -> int:
     return table.scan().count()
 
 
-# `k2 dev`'s Dagster children: the code server (`python -m dagster`), and the webserver and daemon
-# through k2_assets/cli/quiet_dagster.py (`python -m k2_assets.cli.quiet_dagster <module>`).
-QUIET = "k2_assets.cli.quiet_dagster"
-DAGSTER_MODULES = {"dagster": "dagster", "dagster_webserver": QUIET, "dagster._daemon": QUIET}
+# `k2 dev`'s Dagster children: the code server, webserver and daemon, each through
+# k2_assets/cli/quiet_dagster.py (`python -m k2_assets.cli.quiet_dagster <module> ...`).
+QUIET = ["-m", "k2_assets.cli.quiet_dagster"]
+DAGSTER_MODULES = ["dagster", "dagster._daemon", "dagster_webserver"]
 
 
-def dagster_module(cmdline: list[str]) -> tuple[str, str] | None:
-    """(Dagster module, how it was started) of a `k2 dev` child, None for any other child."""
-    if cmdline[1:3] == ["-m", QUIET]:
-        return cmdline[3], QUIET
-    if cmdline[1:3] == ["-m", "dagster"]:
-        return "dagster", "dagster"
-    return None
+def dagster_module(cmdline: list[str]) -> str | None:
+    """The Dagster module a `k2 dev` child runs through quiet_dagster, None for any other child."""
+    return cmdline[3] if cmdline[1:3] == QUIET else None
 
 
 def still_running(process: subprocess.Popen, what: str) -> bool:
@@ -439,12 +435,13 @@ def test_k2_dev_streams_into_bronze_and_stops_everything(tmp_path: Path) -> None
         simulators = [p for p in children if "produce" in p.cmdline()]
         dagster = [p for p in children if dagster_module(p.cmdline())]
         assert len(simulators) == 2, [p.cmdline() for p in children]
-        # One code server, served directly (no `dagster dev`, no `code-server start` proxy); the webserver
-        # and daemon with their polling slowed down.
-        started = dict(dagster_module(p.cmdline()) for p in dagster)
-        assert started == DAGSTER_MODULES and len(dagster) == 3, [p.cmdline() for p in children]
-        code_server = next(p for p in dagster if p.cmdline()[2] == "dagster")
-        assert code_server.cmdline()[3:5] == ["api", "grpc"], code_server.cmdline()
+        # One code server, served directly (no `dagster dev`, no `code-server start` proxy), a webserver and
+        # a daemon, each with Dagster's polling slowed down.
+        assert sorted(dagster_module(p.cmdline()) for p in dagster) == DAGSTER_MODULES, [
+            p.cmdline() for p in children
+        ]
+        code_server = next(p for p in dagster if dagster_module(p.cmdline()) == "dagster")
+        assert code_server.cmdline()[4:6] == ["api", "grpc"], code_server.cmdline()
         wait_for(lambda: bronze_rows(home), 300, "simulated trades in Bronze via the sensor's run", 5.0)
 
         dev.send_signal(signal.SIGTERM)

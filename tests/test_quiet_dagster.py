@@ -1,4 +1,4 @@
-"""`k2 dev`'s webserver and daemon run through k2_assets/cli/quiet_dagster.py: Dagster's own module as
+"""`k2 dev`'s code server, webserver and daemon run through k2_assets/cli/quiet_dagster.py: Dagster's own module as
 `__main__`, its arguments passed on, with the pinned Dagster's polling constants slowed down; and each
 constant is still read by the Dagster code that polls, when it polls (recheck at any Dagster upgrade)."""
 
@@ -23,6 +23,7 @@ READ_BY = {
     ): "DagsterDaemonController.check_workspace_freshness",
     ("dagster._daemon.sensor", "MIN_INTERVAL_LOOP_TIME"): "execute_sensor_iteration_loop",
     ("dagster._daemon.asset_daemon", "MIN_INTERVAL_LOOP_SECONDS"): "AssetDaemon.core_loop",
+    ("dagster._grpc.server", "CLEANUP_TICK"): "DagsterApiServer._cleanup_thread",
 }
 
 PROBE = """

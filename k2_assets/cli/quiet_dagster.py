@@ -1,6 +1,6 @@
 """Run a Dagster module as `__main__` (the daemon, the webserver) with its fixed polling slowed down.
 
-`k2 dev` starts Dagster's webserver and daemon through this module:
+`k2 dev` starts Dagster's code server, webserver and daemon through this module:
 `python -m k2_assets.cli.quiet_dagster dagster._daemon run -w ...`.
 
 Why: at rest (no browser open, no run going), most of what the daemon, webserver and code server spend
@@ -11,7 +11,8 @@ is polling at intervals Dagster hard-codes, not configures (py-spy of a live `k2
   server in place (if it exits, `k2 dev` stops), and the UI's "reload" still reloads at once;
 - the daemon reloads the whole workspace (the code location's snapshot) every 60 s, for the same reason;
 - the sensor and automation daemons wake every 5 s to look up every sensor's state, while K2's sensors
-  tick every 60-120 s.
+  tick every 60-120 s;
+- the code server looks at its run processes twice a second.
 
 The intervals below are module constants of the pinned Dagster (1.13.27), each read where it is used,
 at that moment, so setting them before the module runs is enough. `tests/test_quiet_dagster.py` fails
@@ -24,7 +25,7 @@ import importlib
 import runpy
 import sys
 
-# (module, constant): seconds. Dagster's values: 1, 60, 5 and 5.
+# (module, constant): seconds. Dagster's values: 1, 60, 5, 5 and 0.5.
 SLOWER_POLLING: dict[tuple[str, str], float] = {
     # Server-id poll of the code server, in the webserver and the daemon: a code server `k2 dev`
     # restarted is seen within 30 s instead of 1 s.
@@ -37,6 +38,9 @@ SLOWER_POLLING: dict[tuple[str, str], float] = {
     # The same for the automation sensor, whose 4-minute refresh tick is Gold's lag: seen up to 10 s
     # after the tick instead of 5.
     ("dagster._daemon.asset_daemon", "MIN_INTERVAL_LOOP_SECONDS"): 10,
+    # The code server's check of its run processes (has one exited without ending its run?), twice a
+    # second for the two long-lived ingestion runs: a crashed run is failed up to 5 s after it died.
+    ("dagster._grpc.server", "CLEANUP_TICK"): 5,
 }
 
 
