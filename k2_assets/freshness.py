@@ -29,6 +29,7 @@ from typing import Protocol
 import dagster as dg
 
 from k2_assets.partitions import HOUR, floor_hour, hour_key
+from k2_assets.sensor_instance import sensor_instance
 from k2_resources.settings import FRESHNESS_DELAY_MINUTES
 
 CHECK_NAME = "freshness_check"
@@ -199,9 +200,9 @@ def build_freshness_sensor(
     )
     def freshness_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
         cursor: dict = json.loads(context.cursor or "{}")
-        now, events = time.time(), []
+        now, events, instance = time.time(), [], sensor_instance(context)
         for rule in rules:
-            result = rule.evaluate(context.instance, now)
+            result = rule.evaluate(instance, now)
             key = f"{result.asset_key.to_user_string()}:{result.check_name}"
             if due(result, cursor.get(key), now):
                 events.append(result)

@@ -23,6 +23,8 @@ from __future__ import annotations
 import dagster as dg
 import psutil
 
+from k2_assets.sensor_instance import sensor_instance
+
 # A worker dies rarely (a code server restart): failing its run within ~2 min frees its slot soon enough,
 # at half the evaluations of every minute.
 ORPHAN_CHECK_SECONDS = 120
@@ -66,12 +68,12 @@ def orphaned_runs(instance: dg.DagsterInstance) -> list[tuple[dg.DagsterRun, int
     description="Fails STARTED runs whose worker process died (e.g. with a restarted code server).",
 )
 def orphaned_run_sensor(context: dg.SensorEvaluationContext) -> dg.SkipReason:
-    failed = []
-    for run, pid in orphaned_runs(context.instance):
-        current = context.instance.get_run_by_id(run.run_id)
+    failed, instance = [], sensor_instance(context)
+    for run, pid in orphaned_runs(instance):
+        current = instance.get_run_by_id(run.run_id)
         if current is None or current.status != dg.DagsterRunStatus.STARTED:
             continue  # it finished while we looked
-        context.instance.report_run_failed(
+        instance.report_run_failed(
             current,
             f"The run's worker process (pid {pid}) no longer exists: it died, most likely with a restarted "
             "code server. Failed by k2_orphaned_run_sensor so its run slot and partitions are freed.",

@@ -393,8 +393,15 @@ def bronze_rows(home: Path) -> int:
     return table.scan().count()
 
 
-# `k2 dev`'s Dagster children, as `python -m <module>`: the code server, the webserver, the daemon.
-DAGSTER_MODULES = [["-m", "dagster"], ["-m", "dagster_webserver"], ["-m", "dagster._daemon"]]
+# `k2 dev`'s Dagster children: the code server, webserver and daemon, each through
+# k2_assets/cli/quiet_dagster.py (`python -m k2_assets.cli.quiet_dagster <module> ...`).
+QUIET = ["-m", "k2_assets.cli.quiet_dagster"]
+DAGSTER_MODULES = ["dagster", "dagster._daemon", "dagster_webserver"]
+
+
+def dagster_module(cmdline: list[str]) -> str | None:
+    """The Dagster module a `k2 dev` child runs through quiet_dagster, None for any other child."""
+    return cmdline[3] if cmdline[1:3] == QUIET else None
 
 
 def still_running(process: subprocess.Popen, what: str) -> bool:
@@ -426,14 +433,15 @@ def test_k2_dev_streams_into_bronze_and_stops_everything(tmp_path: Path) -> None
         assert states["k2_automation_sensor"] == "RUNNING", states
         children = psutil.Process(dev.pid).children()
         simulators = [p for p in children if "produce" in p.cmdline()]
-        dagster = [p for p in children if p.cmdline()[1:3] in DAGSTER_MODULES]
+        dagster = [p for p in children if dagster_module(p.cmdline())]
         assert len(simulators) == 2, [p.cmdline() for p in children]
-        # One code server, served directly (no `dagster dev`, no `code-server start` proxy).
-        assert sorted(p.cmdline()[2] for p in dagster) == sorted(m for _, m in DAGSTER_MODULES), [
+        # One code server, served directly (no `dagster dev`, no `code-server start` proxy), a webserver and
+        # a daemon, each with Dagster's polling slowed down.
+        assert sorted(dagster_module(p.cmdline()) for p in dagster) == DAGSTER_MODULES, [
             p.cmdline() for p in children
         ]
-        code_server = next(p for p in dagster if p.cmdline()[2] == "dagster")
-        assert code_server.cmdline()[3:5] == ["api", "grpc"], code_server.cmdline()
+        code_server = next(p for p in dagster if dagster_module(p.cmdline()) == "dagster")
+        assert code_server.cmdline()[4:6] == ["api", "grpc"], code_server.cmdline()
         wait_for(lambda: bronze_rows(home), 300, "simulated trades in Bronze via the sensor's run", 5.0)
 
         dev.send_signal(signal.SIGTERM)

@@ -1,6 +1,7 @@
 """The Gold late-data sensor against a real Dagster instance: every closed event hour a Silver change
 touches is requested (P-1 and P included), only while Gold is older than the change, never while a Gold
-run of the hour is in progress, and no hour is dropped when more than a tick's worth are due."""
+run of the hour is in progress, the hour that just closed only after automation's completion (or its
+hold), and no hour is dropped when more than a tick's worth are due."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import pytest
 
 from k2_assets.definitions import defs
 from k2_assets.gold.assets import GOLD_KEY, SILVER_READ_AT
-from k2_assets.gold.sensors import MAX_REQUESTS_PER_TICK
-from k2_assets.partitions import hour_key
+from k2_assets.gold.sensors import COMPLETION_HOLD, MAX_REQUESTS_PER_TICK, collect, due_requests
+from k2_assets.partitions import hour_key, hour_start
 from k2_assets.silver.assets import EVENT_HOURS, EVENT_HOURS_ADDED, PASS_PARTITIONS
 
 SILVER = dg.AssetKey("silver_binance_trades")
@@ -34,9 +35,9 @@ def silver_pass(instance: dg.DagsterInstance, partition: str, counts: dict[str, 
     )
 
 
-def gold_computed(instance: dg.DagsterInstance, partition: str) -> None:
-    """A Gold materialisation that read Silver now."""
-    metadata = {SILVER_READ_AT: dg.MetadataValue.timestamp(datetime.now(UTC))}
+def gold_computed(instance: dg.DagsterInstance, partition: str, read_at: datetime | None = None) -> None:
+    """A Gold materialisation that read Silver at `read_at` (default: now)."""
+    metadata = {SILVER_READ_AT: dg.MetadataValue.timestamp(read_at or datetime.now(UTC))}
     instance.report_runless_asset_event(
         dg.AssetMaterialization(asset_key=GOLD_KEY, partition=partition, metadata=metadata)
     )
@@ -98,8 +99,39 @@ def test_unchanged_counts_still_request_a_gold_hour_that_never_caught_up() -> No
 def test_the_running_hour_is_left_to_automation() -> None:
     with dg.DagsterInstance.ephemeral() as instance:
         sensor = Sensor(instance)
+        gold_computed(instance, hour(1))  # completed after it closed: later changes are the sensor's
         silver_pass(instance, hour(0), {hour(1): 4, hour(0): 80})
         assert sensor.tick() == [hour(1)]
+
+
+def test_the_hour_that_just_closed_waits_for_automations_completion() -> None:
+    """Late trades of H in Silver H+1 and Silver H's own completion change H in its first minutes: they
+    wait for automation's Gold completion (at :10), which reads them all, instead of a Gold run each.
+    Only a change after what the completion read is requested; without a completion, the hold ends."""
+    with dg.DagsterInstance.ephemeral() as instance:
+        closed, running = hour(1), hour(0)
+        closed_at = hour_start(running)
+
+        def minutes(m: float) -> float:
+            return (closed_at + timedelta(minutes=m)).timestamp()
+
+        gold_computed(instance, closed, read_at=closed_at - timedelta(minutes=3))  # its last refresh
+        silver_pass(instance, running, {closed: 4, running: 80})  # late trades of the closed hour
+        cursor: dict = {}
+        collect(dg.build_sensor_context(instance=instance), cursor)
+        assert due_requests(instance, cursor["pending"], minutes(2)) == []
+        assert due_requests(instance, cursor["pending"], minutes(9)) == []
+        assert closed in cursor["pending"]  # held, not dropped
+        held = dict(cursor["pending"])
+        after_hold = COMPLETION_HOLD.total_seconds() / 60 + 1
+        unanswered = [r.partition_key for r in due_requests(instance, held, minutes(after_hold))]
+        assert unanswered == [closed]  # no completion within COMPLETION_HOLD: requested by the sensor
+        gold_computed(instance, closed)  # automation's completion read every change so far
+        assert due_requests(instance, cursor["pending"], minutes(11)) == []
+        assert cursor["pending"] == {}
+        silver_pass(instance, running, {closed: 6, running: 90})  # two more late trades after it
+        collect(dg.build_sensor_context(instance=instance), cursor)
+        assert [r.partition_key for r in due_requests(instance, cursor["pending"], minutes(12))] == [closed]
 
 
 def test_a_gold_hour_in_progress_is_waited_for_then_checked_again() -> None:

@@ -27,6 +27,7 @@ import dagster as dg
 from k2_assets.bronze.assets import bronze_asset_key
 from k2_assets.bronze.jobs import INGESTION_TAG, ingestion_jobs
 from k2_assets.resources import automation_status
+from k2_assets.sensor_instance import sensor_instance
 from k2_resources.exchanges import EXCHANGES, ExchangeConfig
 
 H = TypeVar("H")  # what makes a job's newest failure one that needs a person
@@ -178,7 +179,7 @@ def build_ingestion_sensor(exchange: ExchangeConfig) -> dg.SensorDefinition:
     )
     def keep_alive(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
         cursor = json.loads(context.cursor or "{}")
-        state = ingestion_state(context.instance, exchange)
+        state = ingestion_state(sensor_instance(context), exchange)
         if state.active is not None:
             return dg.SkipReason(f"{job.name} run {state.active.run_id} is {state.active.status.value}")
         if state.halt is not None:

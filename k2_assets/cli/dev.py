@@ -224,32 +224,28 @@ def write_workspace(dagster_home: Path, host: str, code_port: int) -> Path:
     return path
 
 
+# The code server, webserver and daemon run through k2_assets/cli/quiet_dagster.py: Dagster's own modules,
+# with the polling of a code server that `k2 dev` never restarts in place slowed down (most of their CPU
+# at rest).
+QUIET_DAGSTER = [sys.executable, "-m", "k2_assets.cli.quiet_dagster"]
+
+
 def start_code_server(env: dict[str, str], code_port: int) -> subprocess.Popen:
     """`dagster api grpc` serving k2_assets.definitions; its log level is the one `dagster dev` gave it."""
     from k2_assets.cli.instance import REPO_ROOT
 
-    command = [
-        sys.executable,
-        "-m",
-        "dagster",
-        "api",
-        "grpc",
-        "--host",
-        DEFAULT_HOST,
-        "--port",
-        str(code_port),
-    ]
+    command = [*QUIET_DAGSTER, "dagster", "api", "grpc", "--host", DEFAULT_HOST, "--port", str(code_port)]
     command += ["-m", "k2_assets.definitions", "-a", "defs", "-d", str(REPO_ROOT)]
     command += ["--location-name", LOCATION_NAME, "--log-level", "warning"]
     return start_dagster_process(env, command)
 
 
 def webserver_command(workspace: Path, host: str, port: int) -> list[str]:
-    return [sys.executable, "-m", "dagster_webserver", "-h", host, "-p", str(port), "-w", str(workspace)]
+    return [*QUIET_DAGSTER, "dagster_webserver", "-h", host, "-p", str(port), "-w", str(workspace)]
 
 
 def daemon_command(workspace: Path) -> list[str]:
-    return [sys.executable, "-m", "dagster._daemon", "run", "-w", str(workspace)]
+    return [*QUIET_DAGSTER, "dagster._daemon", "run", "-w", str(workspace)]
 
 
 def start_dagster_process(env: dict[str, str], command: list[str]) -> subprocess.Popen:

@@ -17,6 +17,7 @@ import dagster as dg
 from k2_assets.bronze.sensors import IngestionState, failure_errors, run_history_state
 from k2_assets.feeds.checks import freshness_evaluation
 from k2_assets.feeds.jobs import FEED_TAG, feed_jobs
+from k2_assets.sensor_instance import sensor_instance
 from k2_resources.exchanges import EXCHANGES, ExchangeConfig
 
 CONFIG_ERRORS = frozenset({"FeedConfigError"})
@@ -49,8 +50,9 @@ def build_feed_sensor(exchange: ExchangeConfig) -> dg.SensorDefinition:
     )
     def keep_feed_alive(context: dg.SensorEvaluationContext) -> dg.SensorResult:
         cursor = json.loads(context.cursor or "{}")
-        events = freshness_events(context.instance, exchange, cursor)
-        state, config_error = feed_state(context.instance, exchange)
+        instance = sensor_instance(context)
+        events = freshness_events(instance, exchange, cursor)
+        state, config_error = feed_state(instance, exchange)
         requests, skip = [], None
         if state.active is not None:
             skip = f"{job.name} run {state.active.run_id} is {state.active.status.value}"

@@ -19,19 +19,30 @@ already queued or running is waited for (then checked again), never doubled. At 
 MAX_REQUESTS_PER_TICK hours are requested per tick; the rest stay in the cursor for the next ticks.
 
 Deciding "closed" from the Silver materialisation's own timestamp (not from the clock) keeps the
-running hour out: automation refreshes it every 5 minutes anyway.
+running hour out: automation refreshes it every few minutes anyway.
+
+The hour that just closed is left to automation's completion first: Silver's refreshes of the new hour
+(late trades of the old one) and Silver's own completion at :05 change it in its first minutes, and
+automation completes Gold H at :10, reading all of them. Requesting each change as it came cost two
+whole Gold runs an hour that the completion then repeated (bench/README.md, "Live cost", session 10).
+So changes to H are kept pending, not requested, until Gold H has read Silver after H closed (the
+completion's run) or COMPLETION_HOLD has passed since H closed (a completion that did not come); a
+change newer than what the completion read is requested then, as any other.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
+from datetime import timedelta
 
 import dagster as dg
 
 from k2_assets.gold.assets import GOLD_KEY, SILVER_READ_AT
 from k2_assets.partitions import REFRESHES_PER_HOUR, hour_window, hourly_partitions
 from k2_assets.resources import automation_status
+from k2_assets.sensor_instance import sensor_instance
 from k2_assets.silver.assets import EVENT_HOURS, EVENT_HOURS_ADDED, PASS_PARTITIONS, silver_asset_key
 from k2_assets.silver.checks import BLOCKING_CHECKS
 from k2_resources.exchanges import EXCHANGES
@@ -42,6 +53,10 @@ RECORDS_PER_TICK = 500
 PASSES_LOOKED_BACK = REFRESHES_PER_HOUR
 # A Gold run of one hour reads at most one hour of Silver: anything longer is hung (run monitoring).
 GOLD_RUN_TAGS = {"dagster/max_runtime": "3600"}
+# How long after an hour closed its changes wait for automation's completion of Gold (at :10): until the
+# freshness deadline's default (K2_FRESHNESS_DELAY_MINUTES, 20), so a completion that did not come is
+# made up before that deadline's check could fail.
+COMPLETION_HOLD = timedelta(minutes=20)
 IN_PROGRESS = [
     dg.DagsterRunStatus.QUEUED,
     dg.DagsterRunStatus.NOT_STARTED,
@@ -172,32 +187,43 @@ def silver_usable(instance: dg.DagsterInstance, record: dg.EventLogRecord) -> bo
 def collect(context: dg.SensorEvaluationContext, cursor: dict) -> None:
     """Fold new Silver materialisations into `cursor["pending"]` (hour -> Silver change time)."""
     after, pending = cursor.setdefault("after", {}), cursor.setdefault("pending", {})
+    instance = sensor_instance(context)
     for exchange in EXCHANGES:
         name = silver_asset_key(exchange).to_user_string()
-        result = context.instance.fetch_materializations(
+        result = instance.fetch_materializations(
             dg.AssetRecordsFilter(asset_key=silver_asset_key(exchange), after_storage_id=after.get(name)),
             limit=RECORDS_PER_TICK,
             ascending=True,
         )
         for record in result.records:
-            usable = silver_usable(context.instance, record)
+            usable = silver_usable(instance, record)
             if usable is None:
                 break  # its run is still going: look again next tick, from here
             if usable:
-                for hour, since in changed_hours(context.instance, record).items():
+                for hour, since in changed_hours(instance, record).items():
                     pending[hour] = max(pending.get(hour, 0.0), since)
             after[name] = record.storage_id
 
 
-def due_requests(instance: dg.DagsterInstance, pending: dict[str, float]) -> list[dg.RunRequest]:
-    """Run requests for pending hours whose Gold is older than their Silver; settled hours leave."""
+def awaiting_completion(hour: str, read_at: float, now: float) -> bool:
+    """Whether `hour` closed so recently that automation's completion of Gold, which reads every change
+    made so far, is still to come: Gold has not read Silver since the hour closed, within COMPLETION_HOLD."""
+    closed = hour_window(hour)[1].timestamp()
+    return read_at < closed and now < closed + COMPLETION_HOLD.total_seconds()
+
+
+def due_requests(instance: dg.DagsterInstance, pending: dict[str, float], now: float) -> list[dg.RunRequest]:
+    """Run requests for pending hours whose Gold is older than their Silver; settled hours leave; an
+    hour awaiting automation's completion stays pending."""
     requests: list[dg.RunRequest] = []
     for hour in sorted(pending):
         if len(requests) >= MAX_REQUESTS_PER_TICK:
             break
-        since = pending[hour]
-        if gold_read_at(instance, hour) >= since:
+        since, read_at = pending[hour], gold_read_at(instance, hour)
+        if read_at >= since:
             del pending[hour]  # Gold already read this change
+        elif awaiting_completion(hour, read_at, now):
+            continue  # the completion will read it; looked at again next tick
         elif not gold_in_progress(instance, hour):  # else: check again once that run is over
             del pending[hour]
             requests.append(
@@ -222,5 +248,5 @@ def due_requests(instance: dg.DagsterInstance, pending: dict[str, float]) -> lis
 def gold_late_data_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
     cursor: dict = json.loads(context.cursor or "{}")
     collect(context, cursor)
-    requests = due_requests(context.instance, cursor["pending"])
+    requests = due_requests(sensor_instance(context), cursor["pending"], time.time())
     return dg.SensorResult(run_requests=requests, cursor=json.dumps(cursor, sort_keys=True))

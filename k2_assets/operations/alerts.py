@@ -20,6 +20,7 @@ import dagster as dg
 
 from k2_assets.bronze.assets import bronze_asset_key
 from k2_assets.bronze.sensors import HALTED_CHECK, failure_errors, ingestion_state
+from k2_assets.sensor_instance import sensor_instance
 from k2_resources.alerting import (
     AlertBook,
     AlertSettings,
@@ -184,7 +185,7 @@ def run_alert_conditions(
     context: dg.SensorEvaluationContext, settings: AlertSettings, now: float, state: dict
 ) -> Iterator[Condition]:
     jobs = sorted(job.name for job in context.repository_def.get_all_jobs())
-    return run_conditions(context.instance, jobs, settings)
+    return run_conditions(sensor_instance(context), jobs, settings)
 
 
 def check_alert_conditions(
@@ -192,13 +193,15 @@ def check_alert_conditions(
 ) -> Iterator[Condition]:
     # The ingestion sensor announces halts, with their reason; its check would say it twice.
     keys = [k for k in context.repository_def.asset_graph.asset_check_keys if k.name != HALTED_CHECK]
-    return check_conditions(context.instance, sorted(keys, key=str), state.setdefault("after", {}), settings)
+    return check_conditions(
+        sensor_instance(context), sorted(keys, key=str), state.setdefault("after", {}), settings
+    )
 
 
 def ingestion_alert_conditions(
     context: dg.SensorEvaluationContext, settings: AlertSettings, now: float, state: dict
 ) -> Iterator[Condition]:
-    return ingestion_conditions(context.instance, settings, now)
+    return ingestion_conditions(sensor_instance(context), settings, now)
 
 
 ConditionsOf = Callable[[dg.SensorEvaluationContext, AlertSettings, float, dict], Iterable[Condition]]
