@@ -31,6 +31,9 @@ SLOWER_POLLING: dict[tuple[str, str], float] = {
     # restarted is seen within 30 s instead of 1 s.
     ("dagster._grpc.server_watcher", "WATCH_INTERVAL"): 30,
     # The daemon's reload of the whole workspace; a changed server id reloads it anyway (above).
+    # Dagster also waits this long before retrying a run request whose plan missed assets (daemon and
+    # code server out of sync, only until the server-id poll sees a restarted code server): such a
+    # request is then up to 5 minutes late, once.
     ("dagster._daemon.controller", "RELOAD_WORKSPACE_INTERVAL"): 300,
     # How often the sensor daemon looks for a sensor that is due: each is then evaluated up to 15 s after
     # its minimum interval (up to 5 s before); K2's sensors tick every 60-120 s.
