@@ -39,6 +39,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -46,6 +47,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -126,6 +128,11 @@ VARIANTS: dict[str, dict[str, str]] = {
         "spark.driver.extraJavaOptions": f"{C1_ONLY} {SERIAL_GC} -Xms48m -Xmn16m -XX:MinHeapFreeRatio=10 "
         "-XX:MaxHeapFreeRatio=30"
     },
+    # The same, with a young generation that stays a third of the (small, growing) heap.
+    "tight-ratio": {
+        "spark.driver.extraJavaOptions": f"{C1_ONLY} {SERIAL_GC} -Xms64m -XX:MinHeapFreeRatio=10 "
+        "-XX:MaxHeapFreeRatio=30"
+    },
     # A ceiling sized to this table's pass. Fails: Spark refuses a driver under 450 MiB (INVALID_DRIVER_MEMORY).
     "cap-384m": {
         "spark.driver.memory": "384m",
@@ -197,6 +204,16 @@ def process_kind(pid: int) -> str | None:
     return "worker" if "dagster job execute" in command else None
 
 
+def thread_groups(pid: int) -> str:
+    """The JVM's threads counted by name with digits folded (`jcmd Thread.print`): who starts them."""
+    dump = subprocess.run(
+        ["jcmd", str(pid), "Thread.print"], capture_output=True, text=True, timeout=60
+    ).stdout
+    names = [line.split('"')[1] for line in dump.splitlines() if line.startswith('"')]
+    counts = Counter(re.sub(r"\d+", "N", name) for name in names)
+    return f"threads: {len(names)}\n" + "\n".join(f"{n:>5} {name}" for name, n in counts.most_common(40))
+
+
 class MemorySampler(threading.Thread):
     """Samples the run's anon + mapped-file memory until stopped, and each process's own peak.
 
@@ -244,7 +261,7 @@ class MemorySampler(threading.Thread):
         histogram = subprocess.run(
             ["jcmd", str(pid), "GC.class_histogram"], capture_output=True, text=True, timeout=60
         ).stdout
-        summary += "\n".join(histogram.splitlines()[:60])
+        summary += "\n".join(histogram.splitlines()[:60]) + "\n" + thread_groups(pid)
         if "Total: reserved" in summary:
             self.nmt_anon = anon
             header = f"driver RssAnon {anon / MIB:.0f} MiB, status {process_status(pid)}\n"
