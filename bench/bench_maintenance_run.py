@@ -10,7 +10,9 @@ Each run's whole process tree (Python, the JVM, whatever it forks) is in cgroups
 that run alone: CPU is the kernel's hierarchical count (cgroup v2 `cpu.stat` usage_usec, exact incl.
 processes that exited), memory comes from the cgroup v1 memory controller (this machine binds it to
 v1): `max_usage_in_bytes` (exact, includes the page cache the run caused) and anonymous + mapped-file
-memory (what the processes hold, issue 12's measure) sampled every 0.1 s.
+memory (what the processes hold, issue 12's measure) sampled every 0.1 s, and each process's own peak
+(Spark's driver JVM and the run's Python worker, RssAnon and VmRSS from /proc/<pid>/status). `--nmt`
+adds the driver's Native Memory Tracking summary at its peak (where the JVM's memory is).
 
 The table is built once (`--build`): `--commits` ingestion commits of `--rows` records each through
 K2's own BronzeCommitter (offsets in every commit, the offsets tag moved each time), as one hour of
@@ -25,7 +27,8 @@ JVM's default G1 collector and C2 compiler), the others one change each. The fir
 the same-run baseline of the summary's ratio. Variants alternate, run after run (ABCABC...), so load drifts hit them alike.
 
     .venv/bin/python bench/bench_maintenance_run.py --runs 3 [--variants current,serial-gc,...]
-        [--keep DIR | --reuse DIR] [--commits 360] [--rows 1500]
+        [--keep DIR | --reuse DIR] [--commits 360] [--rows 1500] [--age-hours 24]
+        [--job maintain_all_tables] [--nmt]
 
 Needs root (cgroups). Prints figures; asserts nothing about them.
 """
@@ -36,6 +39,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -43,6 +47,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -51,7 +56,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import MIB, ROOT  # noqa: E402
-from bench.bench_live_cost import cpu_usec, make_cgroups, memory_stat, remove_cgroups  # noqa: E402
+from bench.bench_live_cost import cmdline, cpu_usec, make_cgroups, memory_stat, remove_cgroups  # noqa: E402
 from bench.bench_maintenance import link_or_copy  # noqa: E402
 
 JOB = "maintain_bronze_binance_trades"
@@ -93,6 +98,51 @@ VARIANTS: dict[str, dict[str, str]] = {
         "spark.driver.extraJavaOptions": f"{C1_ONLY} {SERIAL_GC} -Xms32m -XX:MinHeapFreeRatio=10 "
         "-XX:MaxHeapFreeRatio=30"
     },
+    # Session 9's settings, explicitly: the same-run baseline of session 10's cuts.
+    "s9": {"spark.driver.memory": "2g", "spark.driver.extraJavaOptions": f"{C1_ONLY} {SERIAL_GC}"},
+    # The young generation is a third of the starting heap (128 MiB here), all of it touched before the
+    # first collection; a small one is collected more often and holds less.
+    "young-16m": {"spark.driver.extraJavaOptions": f"{C1_ONLY} {SERIAL_GC} -Xmn16m"},
+    "young-32m": {"spark.driver.extraJavaOptions": f"{C1_ONLY} {SERIAL_GC} -Xmn32m"},
+    "young-16m-xms64": {"spark.driver.extraJavaOptions": f"{C1_ONLY} {SERIAL_GC} -Xmn16m -Xms64m"},
+    # Small native items: thread stacks, direct buffers (Netty's pools), the perf-data file.
+    "native-trim": {
+        "spark.driver.extraJavaOptions": f"{C1_ONLY} {SERIAL_GC} -Xss512k -XX:MaxDirectMemorySize=64m "
+        "-XX:-UsePerfData",
+        "spark.rpc.io.preferDirectBufs": "false",
+        "spark.shuffle.io.preferDirectBufs": "false",
+    },
+    # Whole-stage code generation compiles Java (Janino) for every query: seconds of work for a few rows.
+    "no-wscg": {
+        "spark.driver.extraJavaOptions": f"{C1_ONLY} {SERIAL_GC}",
+        "spark.sql.codegen.wholeStage": "false",
+    },
+    "arena2": {"spark.driver.extraJavaOptions": f"{C1_ONLY} {SERIAL_GC}"},
+    # A heap kept near the live data (~70-150 MiB on this table): small start, small young generation,
+    # grown by full collections only as far as 10-30 % free. The 2g ceiling stays for large passes.
+    "tight": {
+        "spark.driver.extraJavaOptions": f"{C1_ONLY} {SERIAL_GC} -Xms64m -Xmn24m -XX:MinHeapFreeRatio=10 "
+        "-XX:MaxHeapFreeRatio=30"
+    },
+    "tight-y16": {
+        "spark.driver.extraJavaOptions": f"{C1_ONLY} {SERIAL_GC} -Xms48m -Xmn16m -XX:MinHeapFreeRatio=10 "
+        "-XX:MaxHeapFreeRatio=30"
+    },
+    # The same, with a young generation that stays a third of the (small, growing) heap.
+    "tight-ratio": {
+        "spark.driver.extraJavaOptions": f"{C1_ONLY} {SERIAL_GC} -Xms64m -XX:MinHeapFreeRatio=10 "
+        "-XX:MaxHeapFreeRatio=30"
+    },
+    # A ceiling sized to this table's pass. Fails: Spark refuses a driver under 450 MiB (INVALID_DRIVER_MEMORY).
+    "cap-384m": {
+        "spark.driver.memory": "384m",
+        "spark.driver.extraJavaOptions": f"{C1_ONLY} {SERIAL_GC} -Xmn32m",
+    },
+}
+# Environment of a variant's run (the driver JVM inherits the run worker's environment on a local master).
+VARIANT_ENV: dict[str, dict[str, str]] = {
+    # glibc makes up to 8 malloc arenas per core for a many-threaded process; each holds its own free memory.
+    "arena2": {"MALLOC_ARENA_MAX": "2"},
 }
 
 
@@ -102,14 +152,15 @@ def restore(built: Path, home: Path) -> None:
     shutil.copytree(built, home, copy_function=link_or_copy)
 
 
-def build(home: Path, commits: int, rows: int) -> dict[str, Any]:
-    """One hour of Bronze commits through K2's BronzeCommitter, ingestion times spread over the hour."""
+def build(home: Path, commits: int, rows: int, age_hours: float = 0.0) -> dict[str, Any]:
+    """One hour of Bronze commits through K2's BronzeCommitter, ingestion times spread over the hour that
+    ended `age_hours` ago (24: a closed day, which a pass compacts)."""
     from tests.maintenance_helpers import OffsetCommitter, sqlite_catalog
 
     started = time.monotonic()
-    committer, now = OffsetCommitter(sqlite_catalog(home)), datetime.now(UTC)
+    committer, end = OffsetCommitter(sqlite_catalog(home)), datetime.now(UTC) - timedelta(hours=age_hours)
     for i in range(commits):
-        committer.commit(rows, now - timedelta(hours=1) + timedelta(hours=1) * i / commits)
+        committer.commit(rows, end - timedelta(hours=1) + timedelta(hours=1) * i / commits)
     return {"commits": commits, "rows": rows, "build_s": round(time.monotonic() - started, 1)}
 
 
@@ -129,22 +180,92 @@ class RunFigures:
     wall_s: float
     held_peak_gib: float  # anon + mapped file, sampled
     usage_peak_gib: float  # memory.max_usage_in_bytes (incl. page cache)
+    driver_anon_mib: float  # Spark's driver JVM, peak RssAnon
+    driver_rss_mib: float  # ... peak VmRSS (anon + file-backed + shared)
+    worker_anon_mib: float  # the run's Python process, peak RssAnon
     uptime: str
 
 
-class MemorySampler(threading.Thread):
-    """Samples the run's anon + mapped-file memory until stopped."""
+def process_status(pid: int) -> dict[str, int]:
+    """RssAnon, RssFile and VmRSS (bytes) of one process, from /proc/<pid>/status (cheap to read often)."""
+    values = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        if name in ("RssAnon", "RssFile", "VmRSS"):
+            values[name] = int(rest.split()[0]) * 1024
+    return values
 
-    def __init__(self, memory: Path):
+
+def process_kind(pid: int) -> str | None:
+    """Which of the run's processes `pid` is: Spark's driver JVM, the run's Python worker, or neither."""
+    command = cmdline(pid)
+    if "org.apache.spark.deploy.SparkSubmit" in command:
+        return "driver"
+    return "worker" if "dagster job execute" in command else None
+
+
+def thread_groups(pid: int) -> str:
+    """The JVM's threads counted by name with digits folded (`jcmd Thread.print`): who starts them."""
+    dump = subprocess.run(
+        ["jcmd", str(pid), "Thread.print"], capture_output=True, text=True, timeout=60
+    ).stdout
+    names = [line.split('"')[1] for line in dump.splitlines() if line.startswith('"')]
+    counts = Counter(re.sub(r"\d+", "N", name) for name in names)
+    return f"threads: {len(names)}\n" + "\n".join(f"{n:>5} {name}" for name, n in counts.most_common(40))
+
+
+class MemorySampler(threading.Thread):
+    """Samples the run's anon + mapped-file memory until stopped, and each process's own peak.
+
+    With `nmt_dir`, the driver runs with Native Memory Tracking (see `--nmt`) and the sampler keeps the
+    driver's `jcmd VM.native_memory summary` taken at its highest anonymous memory (every ~2 s: jcmd
+    is a JVM of its own, so not more often).
+    """
+
+    def __init__(self, memory: Path, nmt_dir: Path | None = None):
         super().__init__(daemon=True)
         self.memory, self.peak, self.done = memory, 0, threading.Event()
+        self.process_peaks: dict[str, dict[str, int]] = {}
+        self.nmt_dir, self.nmt_anon, self.nmt_at = nmt_dir, 0, 0.0
 
     def run(self) -> None:
         while not self.done.is_set():
             with contextlib.suppress(OSError, KeyError):
                 stat = memory_stat(self.memory)
                 self.peak = max(self.peak, stat["total_rss"] + stat["total_mapped_file"])
+            with contextlib.suppress(OSError, ValueError):
+                self.sample_processes()
             time.sleep(0.1)
+
+    def sample_processes(self) -> None:
+        for pid in map(int, (self.memory / "cgroup.procs").read_text().split()):
+            kind = process_kind(pid)
+            if kind is None:
+                continue
+            status = process_status(pid)
+            peaks = self.process_peaks.setdefault(kind, {})
+            for name, value in status.items():
+                peaks[name] = max(peaks.get(name, 0), value)
+            if kind == "driver" and self.nmt_dir is not None:
+                self.native_memory(pid, status["RssAnon"])
+
+    def native_memory(self, pid: int, anon: int) -> None:
+        """The driver's NMT summary, kept when its anonymous memory is the highest seen so far."""
+        if anon <= self.nmt_anon or time.monotonic() - self.nmt_at < 2.0:
+            return
+        self.nmt_at = time.monotonic()
+        summary = "".join(
+            subprocess.run(["jcmd", str(pid), *command], capture_output=True, text=True, timeout=30).stdout
+            for command in (["GC.heap_info"], ["VM.native_memory", "summary"])
+        )
+        histogram = subprocess.run(
+            ["jcmd", str(pid), "GC.class_histogram"], capture_output=True, text=True, timeout=60
+        ).stdout
+        summary += "\n".join(histogram.splitlines()[:60]) + "\n" + thread_groups(pid)
+        if "Total: reserved" in summary:
+            self.nmt_anon = anon
+            header = f"driver RssAnon {anon / MIB:.0f} MiB, status {process_status(pid)}\n"
+            (self.nmt_dir / "nmt.txt").write_text(header + summary)
 
 
 def wait_until_empty(cgroup: Path, timeout_s: float = 120.0) -> None:
@@ -165,18 +286,33 @@ def run_config(variant: str, scratch: Path) -> Path:
     return path
 
 
-def run_once(variant: str, built: Path, home: Path, scratch: Path, index: int) -> RunFigures:
+def run_once(
+    variant: str, built: Path, home: Path, scratch: Path, index: int, nmt: bool = False, job: str = JOB
+) -> RunFigures:
     """One maintenance run of `variant` on a fresh copy, in cgroups of its own; checks the table after."""
     restore(built, home)
     before = table_fingerprint(home)
     dagster_home = scratch / f"dagster-{index}"
     dagster_home.mkdir()
-    env = {**os.environ, "K2_HOME": str(home), "DAGSTER_HOME": str(dagster_home)}
+    env = {
+        **os.environ,
+        **VARIANT_ENV.get(variant, {}),
+        "K2_HOME": str(home),
+        "DAGSTER_HOME": str(dagster_home),
+    }
+    if nmt:  # every JVM of the run (Spark's launcher too) tracks its native memory; costs a little
+        logs = scratch.parent / "logs" / f"{index}-{variant}"
+        env["JAVA_TOOL_OPTIONS"] = (
+            f"-XX:NativeMemoryTracking=summary -Xlog:gc*:file={logs}/gc-%p.log "
+            f"-Xlog:class+load:file={logs}/classes-%p.log"
+        )
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
     command = [str(Path(sys.executable).parent / "dagster"), "job", "execute", "-m", "k2_assets.definitions"]
-    command += ["-j", JOB, "-c", str(run_config(variant, scratch))]
+    command += ["-j", job, "-c", str(run_config(variant, scratch))]
     top, memory = make_cgroups(f"k2-maint-run-{os.getpid()}-{index}")
-    sampler = MemorySampler(memory)
+    sampler = MemorySampler(memory, scratch.parent / "logs" / f"{index}-{variant}" if nmt else None)
+    if sampler.nmt_dir is not None:
+        sampler.nmt_dir.mkdir(parents=True, exist_ok=True)
     try:
 
         def join() -> None:
@@ -206,14 +342,26 @@ def run_once(variant: str, built: Path, home: Path, scratch: Path, index: int) -
     if after != before:
         raise SystemExit(f"{variant} run changed the table: {before} -> {after}")
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    return RunFigures(variant, cpu, wall, sampler.peak / GIB, usage_peak / GIB, uptime)
+    driver, worker = (sampler.process_peaks.get(kind, {}) for kind in ("driver", "worker"))
+    return RunFigures(
+        variant,
+        cpu,
+        wall,
+        sampler.peak / GIB,
+        usage_peak / GIB,
+        driver.get("RssAnon", 0) / MIB,
+        driver.get("VmRSS", 0) / MIB,
+        worker.get("RssAnon", 0) / MIB,
+        uptime,
+    )
 
 
 def print_summary(results: list[RunFigures], variants: list[str]) -> None:
     base = statistics.median(r.cpu_s for r in results if r.variant == variants[0])
     print(
         f"\n{'variant':<14} {'runs':>4} {'CPU s (median)':>15} {'vs ' + variants[0]:>12} {'min-max':>13} "
-        f"{'wall s':>7} {'held GiB max':>13} {'usage GiB max':>14}"
+        f"{'wall s':>7} {'held GiB max':>13} {'usage GiB max':>14} {'driver anon/RSS MiB max':>24} "
+        f"{'worker anon MiB max':>20}"
     )
     for variant in variants:
         mine = [r for r in results if r.variant == variant]
@@ -222,7 +370,9 @@ def print_summary(results: list[RunFigures], variants: list[str]) -> None:
             f"{variant:<14} {len(mine):>4} {cpu:>15.1f} {cpu / base:>12.2f} "
             f"{min(r.cpu_s for r in mine):>6.1f}-{max(r.cpu_s for r in mine):<6.1f} "
             f"{statistics.median(r.wall_s for r in mine):>7.1f} {max(r.held_peak_gib for r in mine):>13.2f} "
-            f"{max(r.usage_peak_gib for r in mine):>14.2f}"
+            f"{max(r.usage_peak_gib for r in mine):>14.2f} "
+            f"{max(r.driver_anon_mib for r in mine):>12.0f}/{max(r.driver_rss_mib for r in mine):<11.0f} "
+            f"{max(r.worker_anon_mib for r in mine):>20.0f}"
         )
 
 
@@ -239,7 +389,25 @@ def main() -> None:
     store = parser.add_mutually_exclusive_group()
     store.add_argument("--keep", metavar="DIR", help="build the table into DIR and keep it there")
     store.add_argument("--reuse", metavar="DIR", help="use the table kept in DIR")
+    parser.add_argument(
+        "--age-hours",
+        type=float,
+        default=0.0,
+        help="build the hour that ended this long ago (24: a closed day)",
+    )
+    parser.add_argument(
+        "--job",
+        default=JOB,
+        help="maintain_all_tables: the scheduled pass (the other tables are created empty)",
+    )
     parser.add_argument("--build-only", action="store_true")
+    parser.add_argument(
+        "--nmt",
+        action="store_true",
+        help="Native Memory Tracking, GC and class-load logs in the driver; jcmd's heap, NMT summary and class "
+        "histogram at its peak go to logs/<run>/nmt.txt (diagnosis only: jcmd costs CPU and the histograms "
+        "force full collections)",
+    )
     args = parser.parse_args()
     variants = args.variants.split(",")
     unknown = set(variants) - set(VARIANTS)
@@ -250,7 +418,7 @@ def main() -> None:
         built, home = store_dir / "table.built", store_dir / "table"
         if not args.reuse:
             shutil.rmtree(built, ignore_errors=True)
-            print(json.dumps(build(home, args.commits, args.rows)), flush=True)
+            print(json.dumps(build(home, args.commits, args.rows, args.age_hours)), flush=True)
             home.rename(built)
         if args.build_only:
             return
@@ -259,7 +427,8 @@ def main() -> None:
         scratch.mkdir()
         results: list[RunFigures] = []
         for index in range(args.runs * len(variants)):
-            figures = run_once(variants[index % len(variants)], built, home, scratch, index)
+            variant = variants[index % len(variants)]
+            figures = run_once(variant, built, home, scratch, index, args.nmt, args.job)
             results.append(figures)
             print(
                 json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in vars(figures).items()}),

@@ -26,6 +26,7 @@ from k2_assets.bronze.tables import OFFSETS_TAG
 from k2_assets.maintenance.actions import SPLIT_SIZE_SETTING, MaintenanceReport, maintain_table
 from k2_assets.maintenance.definitions import maintenance_spark
 from k2_assets.maintenance.jobs import MAINTENANCE_CRON, TARGETS, MaintenanceTarget, maintenance_asset_key
+from k2_assets.partitions import REFRESH_MINUTES
 from k2_resources.iceberg import IcebergCatalogResource
 from k2_resources.iceberg_maintenance import MaintenancePolicy, referenced_files
 from k2_resources.io_manager import RowScope, conform, replace_rows
@@ -121,6 +122,14 @@ def test_maintenance_job_reports_what_it_did_and_refuses_unsafe_settings(home: P
     assert read_stored_offsets(table) == {0: 600}
     rows = table.scan(selected_fields=("offset",)).to_arrow()
     assert sorted(rows["offset"].to_pylist()) == list(range(old_rows, 600))
+
+
+def test_the_scheduled_pass_starts_midway_between_two_refresh_ticks() -> None:
+    """The pass's memory (a Spark driver and a run worker) peaks between two refresh runs, not beside one,
+    and after the closed hour's completions (:05 Silver, :10 Gold)."""
+    minute, hour, *_ = MAINTENANCE_CRON.split()
+    assert int(minute) % REFRESH_MINUTES == REFRESH_MINUTES // 2
+    assert int(minute) > 10 and hour == "*/3"
 
 
 def test_the_scheduled_pass_maintains_every_table_in_one_run(home: Path) -> None:

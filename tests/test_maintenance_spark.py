@@ -32,7 +32,9 @@ from k2_resources.spark import (
     ICEBERG_SPARK_RUNTIME,
     POSTGRESQL_JDBC,
     SHORT_RUN_JAVA_OPTIONS,
+    SHORT_RUN_START_HEAP_MIB,
     SQLITE_JDBC,
+    YOUNG_GENERATION_MIB,
     IcebergSparkResource,
     SparkConfigError,
     connect_server_args,
@@ -40,6 +42,8 @@ from k2_resources.spark import (
 )
 from tests.maintenance_helpers import BRONZE_SPEC, assert_bronze_complete, commit_batches
 from tests.test_tables import postgres_uri  # noqa: F401  (fixture)
+
+MIB = 1024 * 1024
 
 
 def test_sqlite_catalog_becomes_a_jdbc_catalog_on_the_same_file() -> None:
@@ -146,6 +150,8 @@ management = spark._jvm.java.lang.management.ManagementFactory
 print(json.dumps({
     "arguments": list(management.getRuntimeMXBean().getInputArguments()),
     "collectors": [bean.getName() for bean in management.getGarbageCollectorMXBeans()],
+    "pools": {pool.getName(): pool.getUsage().getMax() for pool in management.getMemoryPoolMXBeans()},
+    "heap_start": management.getMemoryMXBean().getHeapMemoryUsage().getInit(),
     "rows": spark.sql("SELECT 1 AS one").collect()[0].one,
 }))
 spark.stop()
@@ -164,6 +170,12 @@ def test_maintenance_driver_jvm_runs_with_its_options(tmp_path: Path) -> None:
     jvm = json.loads(probe.stdout.strip().splitlines()[-1])
     assert set(SHORT_RUN_JAVA_OPTIONS.split()) <= set(jvm["arguments"]), jvm["arguments"]
     assert set(jvm["collectors"]) == {"Copy", "MarkSweepCompact"}  # the serial collector's two generations
+    # The heap starts small with a fixed young generation (eden and two survivor spaces), not 1/64 of the
+    # machine's memory with a third of it young; the old generation keeps spark.driver.memory's 2g ceiling.
+    pools = jvm["pools"]
+    assert jvm["heap_start"] == SHORT_RUN_START_HEAP_MIB * MIB
+    assert pools["Eden Space"] + 2 * pools["Survivor Space"] == YOUNG_GENERATION_MIB * MIB, pools
+    assert pools["Tenured Gen"] > (2048 - YOUNG_GENERATION_MIB - 1) * MIB, pools
     assert jvm["rows"] == 1
 
 

@@ -47,7 +47,15 @@ SPARK_MIN_ORPHAN_AGE_MINUTES = 24 * 60.0
 # (bench/README.md, "Live cost"): one run for all tables starts it once per pass, not once per table.
 # Snapshots superseded less than snapshot_max_age_hours ago are kept whatever the cadence; Bronze, which
 # commits every 10-30 s, declares 1 hour (bronze/tables.py), so it holds 1 to 4 hours of commits.
-MAINTENANCE_CRON = "15 */3 * * *"
+# At :14, midway between the running hour's refresh ticks at :12 and :16 (REFRESH_CRON, every 4 minutes)
+# and after the closed hour's completions (:05, :10): a pass (~1 minute; a Spark driver and a run worker,
+# 0.7-0.9 GiB) then runs between two refresh runs (~0.3-0.4 GiB each) instead of beside one, so the live
+# tree's peak is rest + pass, not rest + pass + refresh; at :15 a pass of a minute ran into the :16
+# refresh. Placement, not a guarantee: a pass or a refresh that runs long still overlaps, harmlessly
+# (each retries a commit that meets the other's), only with the higher peak. The run queue could keep
+# them apart only by serializing every automation run too (dagster.yaml's tag limits), and a refresh
+# waiting out a pass would add its minute to Gold's lag.
+MAINTENANCE_CRON = "14 */3 * * *"
 # Longer than any pass should take, shorter than the schedule's period: a hung run ends before the next.
 MAINTENANCE_MAX_RUNTIME_SECONDS = 170 * 60
 
