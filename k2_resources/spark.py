@@ -74,7 +74,8 @@ DEFAULT_MASTER = "local[*]"
 # filled with promoted garbage up to its starting size before any full collection: the scheduled pass over
 # every table, compacting a closed day, kept 77-98 MiB live in a ~370 MiB heap. Measured
 # (bench/bench_maintenance_run.py, session 10, bench/README.md): that pass's driver 698 -> 520 MiB anon at
-# its peak, a small table's 516 -> 489 MiB, for +1.4-2.3 CPU-s (+6-7 %) of more collections. The
+# its peak, a small table's 516 -> 489 MiB, for 6-19 % more CPU per pass (+1.4-6.3 CPU-s: more
+# collections) and ~31 % more on a 20,000-snapshot catch-up (99 against 76 CPU-s, one pass each). The
 # ceiling stays spark.driver.memory (2g): a long catch-up or a large compaction grows the heap as it needs.
 # The rest of the driver is no heap and no setting shrinks it: ~150 MiB of class metadata (~24,000
 # classes), ~36 MiB of symbols, ~30-42 MiB of compiled code, 15-40 MiB of thread stacks.
