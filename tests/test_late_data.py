@@ -12,8 +12,9 @@ import dagster as dg
 import pytest
 
 from k2_assets.definitions import defs
+from k2_assets.freshness import freshness_delay
 from k2_assets.gold.assets import GOLD_KEY, SILVER_READ_AT
-from k2_assets.gold.sensors import COMPLETION_HOLD, MAX_REQUESTS_PER_TICK, collect, due_requests
+from k2_assets.gold.sensors import MAX_REQUESTS_PER_TICK, collect, due_requests
 from k2_assets.partitions import hour_key, hour_start
 from k2_assets.silver.assets import EVENT_HOURS, EVENT_HOURS_ADDED, PASS_PARTITIONS
 
@@ -123,9 +124,9 @@ def test_the_hour_that_just_closed_waits_for_automations_completion() -> None:
         assert due_requests(instance, cursor["pending"], minutes(9)) == []
         assert closed in cursor["pending"]  # held, not dropped
         held = dict(cursor["pending"])
-        after_hold = COMPLETION_HOLD.total_seconds() / 60 + 1
+        after_hold = freshness_delay().total_seconds() / 60 + 1
         unanswered = [r.partition_key for r in due_requests(instance, held, minutes(after_hold))]
-        assert unanswered == [closed]  # no completion within COMPLETION_HOLD: requested by the sensor
+        assert unanswered == [closed]  # no completion within the freshness deadline: requested by the sensor
         gold_computed(instance, closed)  # automation's completion read every change so far
         assert due_requests(instance, cursor["pending"], minutes(11)) == []
         assert cursor["pending"] == {}

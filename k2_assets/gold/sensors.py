@@ -26,7 +26,8 @@ The hour that just closed is left to automation's completion first: Silver's ref
 automation completes Gold H at :10, reading all of them. Requesting each change as it came cost two
 whole Gold runs an hour that the completion then repeated (bench/README.md, "Live cost", session 10).
 So changes to H are kept pending, not requested, until Gold H has read Silver after H closed (the
-completion's run) or COMPLETION_HOLD has passed since H closed (a completion that did not come); a
+completion's run) or the freshness deadline (`freshness_delay()`) has passed since H closed (a completion that did not
+come, made up before that deadline's check could fail); a
 change newer than what the completion read is requested then, as any other.
 """
 
@@ -35,10 +36,10 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
-from datetime import timedelta
 
 import dagster as dg
 
+from k2_assets.freshness import freshness_delay
 from k2_assets.gold.assets import GOLD_KEY, SILVER_READ_AT
 from k2_assets.partitions import REFRESHES_PER_HOUR, hour_window, hourly_partitions
 from k2_assets.resources import automation_status
@@ -53,10 +54,6 @@ RECORDS_PER_TICK = 500
 PASSES_LOOKED_BACK = REFRESHES_PER_HOUR
 # A Gold run of one hour reads at most one hour of Silver: anything longer is hung (run monitoring).
 GOLD_RUN_TAGS = {"dagster/max_runtime": "3600"}
-# How long after an hour closed its changes wait for automation's completion of Gold (at :10): until the
-# freshness deadline's default (K2_FRESHNESS_DELAY_MINUTES, 20), so a completion that did not come is
-# made up before that deadline's check could fail.
-COMPLETION_HOLD = timedelta(minutes=20)
 IN_PROGRESS = [
     dg.DagsterRunStatus.QUEUED,
     dg.DagsterRunStatus.NOT_STARTED,
@@ -207,9 +204,9 @@ def collect(context: dg.SensorEvaluationContext, cursor: dict) -> None:
 
 def awaiting_completion(hour: str, read_at: float, now: float) -> bool:
     """Whether `hour` closed so recently that automation's completion of Gold, which reads every change
-    made so far, is still to come: Gold has not read Silver since the hour closed, within COMPLETION_HOLD."""
+    made so far, is still to come: Gold has not read Silver since the hour closed, within the freshness deadline."""
     closed = hour_window(hour)[1].timestamp()
-    return read_at < closed and now < closed + COMPLETION_HOLD.total_seconds()
+    return read_at < closed and now < closed + freshness_delay().total_seconds()
 
 
 def due_requests(instance: dg.DagsterInstance, pending: dict[str, float], now: float) -> list[dg.RunRequest]:
